@@ -1,0 +1,376 @@
+"""Tests for evaluate.py: protocol metrics against a slow per-query reference and hand-checked
+cases, feature extraction (flip averaging), the runners, saved features, rank lists and the CLI."""
+import json
+import logging
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import evaluate as ev
+from data.common import IR, VIS, ImageList, read_image
+from data.synthetic import render_regdb, render_sysu
+from data.sysu import sysu_gallery_candidates, sysu_test
+from data.transforms import test_transform
+
+
+# ----------------------------------------------------------------------------- slow reference
+def reference_metrics(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, sysu):
+    """Per query, with plain lists: rank by np.argsort, drop cam-2 images for cam-3 queries
+    (SYSU), CMC over distinct ids (SYSU) or the full list (RegDB), AP and INP from hit ranks."""
+    order = np.argsort(distmat, axis=1)
+    cmcs, aps, inps = [], [], []
+    for i in range(len(q_pids)):
+        ranked = [int(j) for j in order[i]
+                  if not (sysu and q_camids[i] == 3 and g_camids[j] == 2)]
+        hits = [r + 1 for r, j in enumerate(ranked) if g_pids[j] == q_pids[i]]
+        if not hits:
+            continue
+        n = len(hits)
+        aps.append(sum((t + 1) / p for t, p in enumerate(hits)) / n)
+        inps.append(n / hits[-1])
+        if sysu:
+            distinct = []
+            for j in ranked:
+                if g_pids[j] not in distinct:
+                    distinct.append(g_pids[j])
+            rank = distinct.index(q_pids[i]) + 1
+        else:
+            rank = hits[0]
+        cmcs.append([1.0 if rank <= k else 0.0 for k in range(1, max_rank + 1)])
+    cmc = [sum(c[k] for c in cmcs) / len(cmcs) for k in range(max_rank)]
+    return np.array(cmc), sum(aps) / len(aps), sum(inps) / len(inps), len(cmcs)
+
+
+def random_case(seed, num_q, num_g, num_ids):
+    rng = np.random.default_rng(seed)
+    distmat = rng.integers(0, 6, size=(num_q, num_g)).astype(np.float64)   # many exact ties
+    g_pids = rng.integers(0, num_ids, num_g)
+    q_pids = rng.integers(0, num_ids + 3, num_q)          # some ids absent from the gallery
+    q_camids = rng.choice([3, 6], num_q)
+    g_camids = rng.choice([1, 2, 4, 5], num_g)
+    return distmat, q_pids, g_pids, q_camids, g_camids
+
+
+@pytest.mark.parametrize("seed,num_q,num_g,num_ids", [(0, 40, 30, 8), (1, 25, 60, 20),
+                                                      (2, 60, 12, 5), (3, 7, 200, 50)])
+@pytest.mark.parametrize("max_rank", [1, 5, 20])
+def test_metrics_match_reference(seed, num_q, num_g, num_ids, max_rank, monkeypatch):
+    monkeypatch.setattr(ev, "QUERY_BLOCK", 16)      # several query blocks, one partial
+    d, qp, gp, qc, gc = random_case(seed, num_q, num_g, num_ids)
+    for sysu in (True, False):
+        if sysu:
+            got = ev.eval_sysu(d, qp, gp, qc, gc, max_rank=max_rank, return_valid=True)
+        else:
+            got = ev.eval_regdb(d, qp, gp, max_rank=max_rank, return_valid=True)
+        cmc, m_ap, m_inp, n_valid = reference_metrics(d, qp, gp, qc, gc, max_rank, sysu)
+        assert got[0].dtype == np.float64 and got[0].shape == (max_rank,)
+        np.testing.assert_allclose(got[0], cmc, rtol=0, atol=1e-12)
+        assert abs(got[1] - m_ap) < 1e-12 and abs(got[2] - m_inp) < 1e-12
+        assert got[3] == n_valid
+        assert 0 < n_valid < num_q or num_g >= 200   # the case has skipped queries
+
+
+def test_metrics_sysu_hand_checked():
+    # gallery:   0      1      2      3      4      5
+    # pid:       1      2      2      1      3      1
+    # cam:       2      1      4      1      5      4      distances 0..5 for every query
+    d = np.tile(np.arange(6.0), (3, 1))
+    g_pids, g_cams = np.array([1, 2, 2, 1, 3, 1]), np.array([2, 1, 4, 1, 5, 4])
+    q_pids, q_cams = np.array([1, 1, 9]), np.array([3, 6, 3])
+    # query 0 (cam 3): gallery 0 dropped; list = 2 2 1 3 1; hits at p = 3, 5
+    #   AP = (1/3 + 2/5) / 2 = 11/30; INP = 2/5; distinct ids 2 1 3 -> true id at rank 2
+    # query 1 (cam 6): list = 1 2 2 1 3 1; hits at p = 1, 4, 6
+    #   AP = (1/1 + 2/4 + 3/6) / 3 = 2/3; INP = 3/6; distinct rank 1
+    # query 2: id 9 absent -> skipped
+    cmc, m_ap, m_inp, n_valid = ev.eval_sysu(d, q_pids, g_pids, q_cams, g_cams, max_rank=5,
+                                             return_valid=True)
+    np.testing.assert_allclose(cmc, [0.5, 1, 1, 1, 1], atol=1e-15)   # stays past 3 distinct ids
+    assert abs(m_ap - (11 / 30 + 2 / 3) / 2) < 1e-15
+    assert abs(m_inp - (2 / 5 + 1 / 2) / 2) < 1e-15
+    assert n_valid == 2
+
+
+def test_metrics_regdb_hand_checked(caplog):
+    # query pid 1; ranked gallery pids 2 1 3 1 -> hits at p = 2, 4
+    # AP = (1/2 + 2/4) / 2 = 1/2; INP = 2/4; CMC 0 1 1 1, then stays at 1 past G = 4
+    d = np.array([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]])
+    with caplog.at_level(logging.WARNING, logger="evaluate"):
+        cmc, m_ap, m_inp = ev.eval_regdb(d, np.array([1, 7]), np.array([2, 1, 3, 1]), max_rank=6)
+    np.testing.assert_array_equal(cmc, [0, 1, 1, 1, 1, 1])
+    assert m_ap == 0.5 and m_inp == 0.5
+    assert "1 of 2 queries" in caplog.text           # the skipped query is reported
+
+
+def test_metric_errors():
+    d = np.zeros((2, 3))
+    qp, gp, qc, gc = np.array([1, 2]), np.array([1, 2, 3]), np.array([3, 6]), np.array([1, 2, 4])
+    with pytest.raises(ValueError, match="NaN"):
+        ev.eval_sysu(np.where(np.eye(2, 3) > 0, np.nan, 0.0), qp, gp, qc, gc)
+    with pytest.raises(ValueError, match="empty gallery"):
+        ev.eval_regdb(np.zeros((2, 0)), qp, gp[:0])
+    with pytest.raises(ValueError, match="empty query"):
+        ev.eval_regdb(np.zeros((0, 3)), qp[:0], gp)
+    with pytest.raises(ValueError, match="none of the 2 queries"):
+        ev.eval_regdb(d, np.array([8, 9]), gp)
+    with pytest.raises(ValueError, match="g_pids"):
+        ev.eval_regdb(d, qp, gp[:2])
+    with pytest.raises(ValueError, match="q_camids"):
+        ev.eval_sysu(d, qp, gp, qc[:1], gc)
+    with pytest.raises(ValueError, match="max_rank"):
+        ev.eval_regdb(d, qp, gp, max_rank=0)
+
+
+def test_pairwise_distance_and_pixel_model():
+    torch.manual_seed(0)
+    q, g = F.normalize(torch.randn(5, 7), dim=1), F.normalize(torch.randn(4, 7), dim=1)
+    dist = ev.pairwise_distance(q, g)
+    euclid = ((q.double()[:, None] - g.double()[None]) ** 2).sum(-1).numpy()
+    assert dist.dtype == np.float64 and dist.shape == (5, 4)
+    np.testing.assert_allclose(dist, euclid, atol=1e-6)     # float32 rows are unit to ~1e-7
+    np.testing.assert_allclose(dist, 2 - 2 * (q.double() @ g.double().T).numpy(), atol=1e-15)
+    with pytest.raises(ValueError, match="L2-normalised"):
+        ev.pairwise_distance(q * 2, g)
+    with pytest.raises(ValueError, match="feature sizes"):
+        ev.pairwise_distance(q, F.normalize(g[:, :6], dim=1))
+    x = torch.randn(2, 3, 32, 16)
+    f = ev.pixel_model(x, IR)
+    manual = x.reshape(2, 3, 16, 2, 8, 2).mean((3, 5)).flatten(1)   # 2 x 2 blocks
+    assert f.shape == (2, 384)
+    torch.testing.assert_close(f, manual / manual.norm(dim=1, keepdim=True))
+
+
+# ----------------------------------------------------------------------------- tiny data
+def write_image(path, pid, seed):
+    rng = np.random.default_rng(seed)
+    base = np.array([pid * 40 % 256, pid * 90 % 256, pid * 150 % 256])
+    pixels = np.clip(base + rng.integers(-30, 30, (32, 16, 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_sysu(tmp_path_factory):
+    """A rendered 10-identity SYSU-MM01 layout (3 test ids), read by the real data.sysu."""
+    root = str(tmp_path_factory.mktemp("data") / "sysu")
+    meta = render_sysu(root, num_ids=10, images_per_cam=2, height=32, width=16)
+    return root, meta
+
+
+class CountingModel:
+    """pixel_model that counts the images it sees and records the modalities."""
+    def __init__(self):
+        self.seen, self.modalities = 0, set()
+
+    def __call__(self, x, modality):
+        self.seen += x.shape[0]
+        self.modalities.add(modality)
+        return ev.pixel_model(x, modality)
+
+
+def test_extract_features_flip_average(tmp_path):
+    paths = [write_image(tmp_path / f"{i}.png", i, i) for i in range(5)]
+    images = ImageList(paths, np.arange(5), np.full(5, 3), IR)
+    weight = torch.randn(3 * 32 * 3, 6, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def toy(x, modality):          # left three columns: not flip-invariant; not normalised
+        seen.append(modality)
+        return x[:, :, :, :3].flatten(1) @ weight
+
+    got = ev.extract_features(toy, images, 32, 16, batch_size=2)
+    x = torch.stack([test_transform(32, 16)(read_image(p)) for p in paths])
+    f, f_flip = toy(x, IR), toy(torch.flip(x, dims=[3]), IR)
+    assert got.dtype == torch.float32 and got.shape == (5, 6) and set(seen) == {IR}
+    torch.testing.assert_close(got, F.normalize((f + f_flip) / 2, dim=1), atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(got, F.normalize(f, dim=1), atol=1e-3)   # the flip matters
+    torch.testing.assert_close(ev.extract_features(toy, images, 32, 16, flip=False),
+                               F.normalize(f, dim=1), atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="NaN/inf"):
+        ev.extract_features(lambda x, m: toy(x, m) * float("nan"), images, 32, 16)
+    with pytest.raises(ValueError, match=r"\[B, D\]"):
+        ev.extract_features(lambda x, m: toy(x, m)[:1], images, 32, 16)
+
+
+def test_evaluate_sysu_features_file_and_ranklist(tmp_path, tiny_sysu):
+    root, _ = tiny_sysu
+    model = CountingModel()
+    npz = str(tmp_path / "feats.npz")
+    res = ev.evaluate_sysu(model, root, trials=[0, 1], height=32, width=16, batch_size=8,
+                           save_features=npz, save_ranklist=3, ranklist_dir=str(tmp_path / "rl"))
+    query, _ = sysu_test(root)
+    candidates = sysu_gallery_candidates(root, "all")
+    # each distinct image extracted once (x2 for the flip): indoor candidates are a subset
+    assert model.seen == 2 * (len(query) + len(candidates)) and model.modalities == {VIS, IR}
+    # direct computation for one (mode, trial)
+    q_feat = ev.extract_features(ev.pixel_model, query, 32, 16)
+    _, gallery = sysu_test(root, mode="indoor", trial=1)
+    g_feat = ev.extract_features(ev.pixel_model, gallery, 32, 16)
+    cmc, m_ap, m_inp = ev.eval_sysu(ev.pairwise_distance(q_feat, g_feat), query.pids,
+                                    gallery.pids, query.camids, gallery.camids)
+    row = res["indoor"]["trials"][1]
+    assert row["trial"] == 1 and row["num_gallery"] == len(gallery)
+    np.testing.assert_allclose([row["R1"], row["R5"], row["mAP"], row["mINP"]],
+                               [100 * cmc[0], 100 * cmc[4], 100 * m_ap, 100 * m_inp], atol=1e-4)
+    assert res["all"]["protocol"] == "sysu" and res["all"]["shot"] == "single"
+    assert res["all"]["mean"]["mAP"] == pytest.approx(np.mean([r["mAP"] for r in res["all"]["trials"]]))
+    # the saved features reproduce the same numbers without a model
+    again = ev.evaluate_from_features(npz)
+    assert again == res
+    assert ev.format_table(again) == ev.format_table(res) and "mean(2)" in ev.format_table(res)
+    only = ev.evaluate_from_features(npz, settings=["all"], trials=[1])
+    assert list(only) == ["all"] and only["all"]["trials"] == res["all"]["trials"][1:]
+    with pytest.raises(ValueError, match="no saved evaluation"):
+        ev.evaluate_from_features(npz, trials=[7])
+    # rank list of the first trial: one line per query, 3 marked gallery paths
+    lines = (tmp_path / "rl" / "ranklist_all_trial0.txt").read_text().splitlines()
+    assert len(lines) == len(query) and [ln.split("\t")[0] for ln in lines] == query.paths
+    assert all(len(ln.split("\t")) == 4 and all(f[0] in "+-" for f in ln.split("\t")[1:])
+               for ln in lines)
+    row = res["all"]["trials"][0]          # top-1 image = top-1 distinct identity
+    top1 = sum(ln.split("\t")[1][0] == "+" for ln in lines)
+    assert top1 == pytest.approx(row["R1"] / 100 * row["num_valid"])
+
+
+def test_write_ranklist_hand_checked(tmp_path):
+    # query a (cam 3, pid 1): ranked g0 g1 g2 g3; g1 is cam 2 -> dropped -> g0(-) g2(+) (g3 cut)
+    # query b (cam 6, pid 2): ranked g3 g2 g1 g0 -> g3(-) g2(-)
+    d = np.array([[0.0, 1, 2, 3], [3.0, 2, 1, 0]])
+    path = tmp_path / "r.txt"
+    ev.write_ranklist(str(path), d, ["a", "b"], ["g0", "g1", "g2", "g3"], np.array([1, 2]),
+                      np.array([3, 2, 1, 4]), 2, np.array([3, 6]), np.array([1, 2, 4, 5]))
+    assert path.read_text() == "a\t-g0\t+g2\nb\t-g3\t-g2\n"
+    # without camids nothing is dropped; k beyond the gallery size lists everything
+    ev.write_ranklist(str(path), d[:1], ["a"], ["g0", "g1", "g2", "g3"], np.array([1]),
+                      np.array([3, 2, 1, 4]), 9)
+    assert path.read_text() == "a\t-g0\t-g1\t+g2\t-g3\n"
+    with pytest.raises(ValueError, match="gallery paths"):
+        ev.write_ranklist(str(path), d, ["a", "b"], ["g0"], np.array([1, 2]), np.array([3]), 1)
+
+
+def test_evaluate_regdb_and_mean_over_trials(tmp_path, monkeypatch):
+    def regdb_test(root, trial, direction="v2t"):
+        vis = ImageList([write_image(tmp_path / f"v{t}_{p}.png", p, p) for t in (0, 1) for p in range(3)],
+                        [0, 1, 2] * 2, [1] * 6, VIS)
+        ir = ImageList([write_image(tmp_path / f"t{t}_{p}.png", p, 9 + p) for t in (0, 1) for p in range(3)],
+                       [0, 1, 2] * 2, [2] * 6, IR)
+        return (vis, ir) if direction == "v2t" else (ir, vis)
+
+    monkeypatch.setitem(sys.modules, "data.regdb", types.SimpleNamespace(regdb_test=regdb_test))
+    model = CountingModel()
+    res = ev.evaluate_regdb(model, "unused", 2, height=32, width=16)
+    assert model.seen == 2 * 12                      # v2t and t2v share their 12 images
+    vis, ir = regdb_test("", 2)
+    dist = ev.pairwise_distance(ev.extract_features(ev.pixel_model, vis, 32, 16),
+                                ev.extract_features(ev.pixel_model, ir, 32, 16))
+    for name, d in (("v2t", dist), ("t2v", dist.T)):
+        cmc, m_ap, _ = ev.eval_regdb(d, vis.pids, ir.pids)
+        row = res[name]["trials"][0]
+        assert row["trial"] == 2 and row["R1"] == pytest.approx(100 * cmc[0])
+        assert row["mAP"] == pytest.approx(100 * m_ap)
+    other = json.loads(json.dumps(res))
+    for row in other["v2t"]["trials"] + other["t2v"]["trials"]:
+        row.update(trial=5, R1=row["R1"] - 10, mAP=0.0)
+    merged = ev.mean_over_trials([res, other])
+    v2t = merged["v2t"]
+    assert [r["trial"] for r in v2t["trials"]] == [2, 5]
+    assert v2t["mean"]["R1"] == pytest.approx(res["v2t"]["trials"][0]["R1"] - 5)
+    assert v2t["mean"]["mAP"] == pytest.approx(res["v2t"]["mean"]["mAP"] / 2)
+    assert "mean(2)" in ev.format_table(merged) and "RegDB thermal->visible" in ev.format_table(merged)
+    with pytest.raises(ValueError, match="same trial twice"):
+        ev.mean_over_trials([res, res])
+
+
+def test_parse_trials():
+    assert ev.parse_trials("0-9") == list(range(10))
+    assert ev.parse_trials("0,3") == [0, 3] and ev.parse_trials("0-2,5") == [0, 1, 2, 5]
+    for bad in ("a", "3-1", "1-", ""):
+        with pytest.raises(Exception, match="--trials"):
+            ev.parse_trials(bad)
+
+
+def test_cli_synthetic(tmp_path, tiny_sysu, capsys):
+    root, _ = tiny_sysu
+    out = tmp_path / "out"
+    res = ev.main(["--dataset", "synthetic", "--data-root", root, "--model", "pixels",
+                   "--trials", "0,1", "--mode", "all", "--height", "32", "--width", "16",
+                   "--device", "cpu", "--workers", "0", "--out", str(out),
+                   "--save-features", str(tmp_path / "f.npz")])
+    saved = json.loads((out / "results.json").read_text())
+    direct = ev.evaluate_sysu(ev.pixel_model, root, modes=["all"], trials=[0, 1], height=32, width=16)
+    assert saved["results"] == json.loads(json.dumps(direct)) and res == direct
+    assert saved["args"]["trials"] == [0, 1] and saved["args"]["dataset"] == "synthetic"
+    text = capsys.readouterr().out
+    assert "data_root: " + root in text and "SYSU all-search" in text
+    again = ev.main(["--from-features", str(tmp_path / "f.npz"), "--workers", "0"])
+    assert again == direct
+    with pytest.raises(SystemExit):
+        ev.main(["--dataset", "synthetic", "--data-root", root])       # no model given
+
+
+def test_pair_precision_recall_hand_checked():
+    # clusters {0,1,2} {3,4}, outlier 5; ids  a a b | b b | a
+    # same-cluster pairs: 3 + 1 = 4, of which same id: (0,1), (3,4) = 2  -> precision 2/4
+    # same-id pairs: a {0,1,5} 3, b {2,3,4} 3 = 6                         -> recall 2/6
+    prec, rec = ev.pair_precision_recall([0, 0, 0, 1, 1, -1], [7, 7, 8, 8, 8, 7])
+    assert prec == 0.5 and rec == pytest.approx(1 / 3)
+    rng = np.random.default_rng(0)
+    labels, pids = rng.integers(-1, 6, 80), rng.integers(0, 9, 80)
+    same_c = (labels[:, None] == labels[None]) & (labels[:, None] >= 0)
+    same_i = pids[:, None] == pids[None]
+    off = ~np.eye(80, dtype=bool)
+    prec, rec = ev.pair_precision_recall(labels, pids)
+    assert prec == pytest.approx((same_c & same_i & off).sum() / (same_c & off).sum())
+    assert rec == pytest.approx((same_c & same_i & off).sum() / (same_i & off).sum())
+
+
+def test_cross_label_accuracy_hand_checked():
+    # other modality: cluster 0 = ids 5 5 6 -> named 5; cluster 1 = ids 6 7 -> tie, named 6
+    labels_other, pids_other = [0, 0, 0, 1, 1, -1], [5, 5, 6, 6, 7, 9]
+    # samples: (cross 0, id 5) right, (1, 7) wrong, (1, 6) right, (-1, 5) not counted -> 2/3
+    acc = ev.cross_label_accuracy([0, 1, 1, -1], [5, 7, 6, 5], labels_other, pids_other)
+    assert acc == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="cross"):
+        ev.cross_label_accuracy([2], [5], labels_other, pids_other)
+
+
+def test_real_readers_on_synthetic_data(tmp_path, tiny_sysu):
+    """Gallery and query sizes with the real readers; RegDB end to end on a rendered split."""
+    root, meta = tiny_sysu
+    res = ev.evaluate_sysu(ev.pixel_model, root, trials=[0, 2], height=32, width=16)
+    for mode in ("all", "indoor"):
+        query, gallery = sysu_test(root, mode=mode, trial=2)
+        cands = sysu_gallery_candidates(root, mode)
+        row = res[mode]["trials"][1]
+        assert row["num_query"] == len(query) == meta["test_counts"]["ir"]
+        assert row["num_gallery"] == len(set(zip(cands.pids.tolist(), cands.camids.tolist())))
+    render_regdb(str(tmp_path / "regdb"), num_ids=6, height=32, width=16)
+    reg = ev.evaluate_regdb(ev.pixel_model, str(tmp_path / "regdb"), 2, height=32, width=16)
+    assert [r["num_query"] for r in (reg["v2t"]["trials"][0], reg["t2v"]["trials"][0])] == [30, 30]
+    assert reg["v2t"]["trials"][0]["trial"] == 2 and 0 < reg["v2t"]["mean"]["R20"] <= 100
+
+
+def test_cli_checkpoint_uses_its_input_size(tmp_path, tiny_sysu, monkeypatch):
+    root, _ = tiny_sysu
+    calls = []
+
+    def model_from_checkpoint(path, device):
+        calls.append((path, device))
+        meta = {"height": 32, "width": 16, "dataset": "synthetic", "method": "mult"}
+        return ev.pixel_model, meta
+
+    monkeypatch.setitem(sys.modules, "model", types.SimpleNamespace(
+        model_from_checkpoint=model_from_checkpoint))
+    out = tmp_path / "out"
+    ev.main(["--dataset", "synthetic", "--data-root", root, "--checkpoint", "ck.pth", "--mode",
+             "indoor", "--trials", "0", "--width", "8", "--device", "cpu", "--workers", "0",
+             "--out", str(out)])
+    saved = json.loads((out / "results.json").read_text())
+    assert calls == [("ck.pth", "cpu")] and saved["method"] == "mult"
+    assert (saved["args"]["height"], saved["args"]["width"]) == (32, 8)   # the command line wins
+    assert list(saved["results"]) == ["indoor"]

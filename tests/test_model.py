@@ -1,0 +1,88 @@
+import pytest
+import torch
+import torchvision
+
+from model import TwoStreamNet, gem, load_checkpoint, model_from_checkpoint, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return TwoStreamNet("resnet18", pretrained="none")
+
+
+def test_shapes_and_last_stride(net):
+    net.train()
+    x_vis, x_ir = torch.randn(3, 3, 64, 32), torch.randn(2, 3, 64, 32)
+    assert net(x_vis, x_ir).shape == (5, 512)
+    # stride 1 in layer4: a 64x32 input leaves a 4x2 map (1/16), not 2x1 (1/32)
+    assert net.shared(net.stem_vis(x_vis)).shape[-2:] == (4, 2)
+
+
+def test_modality_routing(net):
+    """Visible rows depend only on the visible stem, infrared rows only on the infrared stem."""
+    net.eval()
+    x = torch.randn(2, 3, 64, 32)
+    with torch.no_grad():
+        vis_before, ir_before = net(x_vis=x), net(x_ir=x)
+        saved = net.stem_ir[0].weight.clone()
+        net.stem_ir[0].weight.add_(0.5)
+        vis_after, ir_after = net(x_vis=x), net(x_ir=x)
+        net.stem_ir[0].weight.copy_(saved)
+    assert torch.equal(vis_before, vis_after)
+    assert not torch.allclose(ir_before, ir_after)
+
+
+def test_eval_features_unit_norm_and_bnneck(net):
+    net.eval()
+    with torch.no_grad():
+        f = net(torch.randn(4, 3, 64, 32), torch.randn(4, 3, 64, 32))
+    assert torch.allclose(f.norm(dim=1), torch.ones(8), atol=1e-5)
+    assert not net.bnneck.bias.requires_grad and torch.count_nonzero(net.bnneck.bias) == 0
+
+
+def test_gem_is_cubic_mean():
+    x = torch.rand(2, 3, 4, 5)
+    assert torch.allclose(gem(x), (x.pow(3).mean(dim=(2, 3)) + 1e-12).pow(1 / 3))
+
+
+def test_weights_from_local_file(tmp_path):
+    torch.manual_seed(1)
+    ref = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "r18.pth"
+    torch.save(ref.state_dict(), path)
+    net = TwoStreamNet("resnet18", pretrained=str(path))
+    for got in (net.stem_vis[0].weight, net.stem_ir[0].weight):
+        assert torch.equal(got, ref.conv1.weight)
+    assert torch.equal(net.shared[3][1].conv2.weight, ref.layer4[1].conv2.weight)
+
+
+def test_weight_file_errors(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="weight file not found"):
+        TwoStreamNet("resnet18", pretrained=str(tmp_path / "missing.pth"))
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="does not fit"):
+        TwoStreamNet("resnet18", pretrained=str(tmp_path / "bad.pth"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError, match="resnet18-f37072fd.pth") as err:
+        TwoStreamNet("resnet18", pretrained="imagenet")
+    assert str(tmp_path / "cache") in str(err.value)
+
+
+def test_checkpoint_roundtrip_and_method_check(tmp_path, net):
+    args = {"arch": "resnet18", "method": "mult", "dataset": "synthetic", "trial": None, "height": 64, "width": 32}
+    path = str(tmp_path / "last.pth")
+    save_checkpoint({"model": net.state_dict(), "epoch": 3, "args": args}, path)
+    with pytest.raises(ValueError, match="--method mult"):
+        load_checkpoint(path, method="mbmil")
+    with pytest.raises(ValueError, match="--dataset synthetic"):
+        load_checkpoint(path, dataset="sysu")
+    fn, meta = model_from_checkpoint(path)
+    assert meta["epoch"] == 3 and meta["height"] == 64
+    x = torch.randn(2, 3, 64, 32)
+    net.eval()
+    with torch.no_grad():
+        assert torch.allclose(fn(x, 1), net(x_ir=x))
+    torch.save({"weights": 1}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="not a vireid checkpoint"):
+        load_checkpoint(str(tmp_path / "other.pth"))
