@@ -2,8 +2,8 @@
 
 MULT (He et al., IJCV 2024), spec mult.md §1.4-1.5: an item of TrainBatches is one batch of
 (visible, infrared) pairs with two visible views (v0, v1) and one infrared tensor (r).
-MBMIL (Wang et al., AAAI 2026), spec mbmil.md §A.4: ModalityBatches serves its separate
-per-modality loaders.
+MBMIL (Wang et al., AAAI 2026), spec mbmil.md §A.4, uses the same batches with unrelated visible
+and infrared halves (its separate per-modality loaders).
 
 Seeding: the augmentation of position j of batch b uses its own generator,
 np.random.default_rng([seed, b, j]) for the visible image (views drawn in order v0 then v1)
@@ -123,42 +123,3 @@ class TrainBatches(Dataset):
         return {"v0": torch.stack(v0), "v1": torch.stack(v1), "r": torch.stack(r),
                 "vis_index": torch.from_numpy(pairs[:, 0].copy()),
                 "ir_index": torch.from_numpy(pairs[:, 1].copy())}
-
-
-class ModalityBatches(Dataset):
-    """Item b -> one batch of a single modality with several views (MBMIL, mbmil.md §A.4).
-
-    images:     ImageList, [N]
-    transforms: list of callables (PIL image, rng) -> [3, H, W], one per view
-    batches:    int64 [num_batches, B] from data.samplers.pk_batches
-    seed:       int >= 0; position j of batch b uses np.random.default_rng([seed, b, j]),
-                views drawn from it in list order
-    Item b: dict(views=[V tensors of [B, 3, H, W]], index=int64 [B]).
-    """
-
-    def __init__(self, images, transforms, batches, seed):
-        _check_images(images, "images")
-        if not isinstance(transforms, (list, tuple)) or not transforms \
-                or not all(map(callable, transforms)):
-            raise ValueError(f"transforms must be a non-empty list of callables (PIL image, rng) "
-                             f"-> tensor, got {transforms!r}")
-        self.batches = _check_batches(batches, 2, "batches")
-        _check_rows(self.batches, len(images), "batches")
-        self.images, self.transforms, self.seed = images, list(transforms), _check_seed(seed)
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __getitem__(self, b):
-        if not 0 <= b < len(self.batches):
-            raise IndexError(f"batch {b} out of range 0..{len(self.batches) - 1}")
-        b = int(b)
-        rows = self.batches[b]                                     # [B]
-        load = _Cache()
-        views = [[] for _ in self.transforms]
-        for j, row in enumerate(rows.tolist()):
-            img = load(self.images.paths[row])
-            rng = np.random.default_rng([self.seed, b, j])
-            for out, transform in zip(views, self.transforms):
-                out.append(transform(img, rng))
-        return {"views": [torch.stack(v) for v in views], "index": torch.from_numpy(rows.copy())}

@@ -307,7 +307,7 @@ def _check_size(height, width):
             raise ValueError(f"{name} must be a positive int, got {v!r}")
 
 
-def train_transforms(height, width, stage, method="mult"):
+def train_transforms(height, width, stage, method="mult", pad=10):
     """The three training pipelines, each a callable (PIL image, rng) -> float tensor [3, H, W].
 
     stage:  1 or 2 (MULT: epochs < 40 / >= 40; MBMIL: its two training stages)
@@ -322,7 +322,8 @@ def train_transforms(height, width, stage, method="mult"):
     MBMIL: v0 = geo, ToTensor, Normalize, RE(0.5)
            v1 = geo, ColorJitter, ToTensor, Normalize, RE(0.5), ChannelExchange
            r  = geo, [ColorJitter, stage 1 only], ToTensor, Normalize, RE(0.5), ChannelAdapGray(0.5)
-    geo = Resize(H x W), Pad(10), RandomCrop(H x W), RandomHorizontalFlip(0.5).
+    geo = Resize(H x W), Pad(pad), RandomCrop(H x W), RandomHorizontalFlip(0.5); pad = 10 px at the
+    papers' 288 x 144 (a smaller input should scale it, as train.py does).
     Paper vs official code: MBMIL's code resizes bicubic (MULT's bilinear); we follow each code.
     """
     _check_size(height, width)
@@ -334,7 +335,7 @@ def train_transforms(height, width, stage, method="mult"):
     interpolation = "bilinear" if method == "mult" else "bicubic"
 
     def geo():
-        return [Resize(height, width, interpolation), Pad(10), RandomCrop(height, width),
+        return [Resize(height, width, interpolation), Pad(pad), RandomCrop(height, width),
                 RandomHorizontalFlip(0.5)]
 
     def tail():

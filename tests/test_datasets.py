@@ -11,9 +11,9 @@ from torch.utils.data import DataLoader
 
 import data.transforms as T
 from data.common import IR, VIS, read_image
-from data.loader import ImageDataset, ModalityBatches, TrainBatches
+from data.loader import ImageDataset, TrainBatches
 from data.regdb import regdb_test, regdb_train
-from data.samplers import pk_batches, stage_one_batches
+from data.samplers import stage_one_batches
 from data.sysu import (GALLERY_CAMS, sysu_gallery_candidates, sysu_gallery_draw, sysu_test,
                        sysu_train)
 
@@ -366,19 +366,3 @@ def test_train_batches_bad_input(small_sets):
         TrainBatches(vis, ir, transforms, good, seed=-1)
     with pytest.raises(IndexError):
         TrainBatches(vis, ir, transforms, good, seed=0)[2]
-
-
-def test_modality_batches(small_sets):
-    vis, _, _ = small_sets
-    views = [T.train_transforms(16, 8, 2, "mbmil")[k] for k in ("v0", "v1")]
-    batches = pk_batches(vis.pids % 3, 2, 2, 2, np.random.default_rng(1))   # [2, 4]
-    dataset = ModalityBatches(vis, views, batches, seed=3)
-    item = dataset[1]
-    assert len(item["views"]) == 2 and all(v.shape == (4, 3, 16, 8) for v in item["views"])
-    assert item["index"].tolist() == batches[1].tolist()
-    gen = np.random.default_rng([3, 1, 2])
-    img = read_image(vis.paths[batches[1, 2]])
-    assert torch.equal(item["views"][0][2], views[0](img, gen))
-    assert torch.equal(item["views"][1][2], views[1](img, gen))
-    with pytest.raises(ValueError, match="num_batches, B"):
-        ModalityBatches(vis, views, batches[..., None], seed=3)
