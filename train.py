@@ -533,7 +533,7 @@ def main(args):
         history.append(record)
         log.metrics(record)
         log(f"epoch {epoch} (stage {record['stage']}): " + ", ".join(
-            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
             if k not in ("epoch", "stage", "cross_accuracy_ot", "global", "global_plain")))
         save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                          "args": vars(args), "history": history, "untrained": untrained,
