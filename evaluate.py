@@ -10,8 +10,8 @@ L2-normalised again; distance is squared Euclidean in float64; ranking is NumPy'
 Metrics: rank-k CMC; with hits at 1-based ranks p_1 < ... < p_n, AP = (1/n) sum_t t/p_t and
 INP = n/p_n. Queries without a correct match are left out of every average, as officially.
 
-    python evaluate.py --dataset sysu --checkpoint runs/mult_sysu/checkpoint.pth --trials 0-9
-    python evaluate.py --dataset regdb --trial 3 --checkpoint runs/mult_regdb_3/checkpoint.pth
+    python evaluate.py --dataset sysu --checkpoint runs/mult_sysu/last.pth --trials 0-9
+    python evaluate.py --dataset regdb --trial 3 --checkpoint runs/mult_regdb_trial3/last.pth
     python evaluate.py --dataset synthetic --model pixels --save-features feats.npz --out out/
     python evaluate.py --from-features feats.npz
 """
@@ -479,6 +479,8 @@ def get_args_parser():
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", type=str, default=None, choices=["pixels"], help="a built-in baseline")
     src.add_argument("--checkpoint", type=str, default=None, help="a checkpoint written by train.py")
+    p.add_argument("--method", type=str, default=None, choices=["mult", "mbmil"],
+                   help="with --checkpoint: refuse a checkpoint trained with another method")
     src.add_argument("--from-features", type=str, default=None, help="an .npz from --save-features")
     p.add_argument("--mode", type=str, default="both", choices=["all", "indoor", "both"], help="SYSU search mode")
     p.add_argument("--trials", type=parse_trials, default=None,
@@ -509,7 +511,7 @@ def main(argv=None):
     model_fn, meta = pixel_model, {}
     if args.checkpoint:
         from model import model_from_checkpoint
-        model_fn, meta = model_from_checkpoint(args.checkpoint, args.device)
+        model_fn, meta = model_from_checkpoint(args.checkpoint, args.device, method=args.method)
         if meta.get("dataset") not in (None, args.dataset):
             logger.warning("the checkpoint was trained on %s; evaluating on %s", meta["dataset"], args.dataset)
         if args.dataset == "regdb" and meta.get("trial") not in (None, args.trial):

@@ -171,9 +171,10 @@ def load_checkpoint(path, method=None, dataset=None, trial=None):
     return ckpt
 
 
-def model_from_checkpoint(path, device="cpu"):
-    """Build the eval-mode model stored in a checkpoint: (model_fn(images, modality), meta)."""
-    ckpt = load_checkpoint(path)
+def model_from_checkpoint(path, device="cpu", method=None):
+    """Build the eval-mode model stored in a checkpoint: (model_fn(images, modality), meta).
+    `method` ("mult" / "mbmil"), when given, must be the one the checkpoint was trained with."""
+    ckpt = load_checkpoint(path, method=method)
     args = ckpt["args"]
     model = TwoStreamNet(arch=args["arch"], pretrained="none")
     model.load_state_dict(ckpt["model"])

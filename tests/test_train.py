@@ -73,6 +73,9 @@ def test_checkpoint_of_another_method_is_refused(tiny_root, tmp_path):
     run(tiny_root, tmp_path, "--epochs", "1", "--stage-one-epochs", "1")
     with pytest.raises(ValueError, match="--method mult"):
         run(tiny_root, tmp_path, "--method", "mbmil", "--epochs", "1", "--stage-one-epochs", "1")
+    with pytest.raises(ValueError, match="--method mult"):
+        evaluate.main(["--dataset", "synthetic", "--data-root", tiny_root, "--checkpoint",
+                       str(tmp_path / "last.pth"), "--method", "mbmil", "--trials", "0"])
 
 
 def test_epoch_without_clusters_is_skipped_with_a_message(tiny_root, tmp_path):
