@@ -359,7 +359,7 @@ def test_cli_checkpoint_uses_its_input_size(tmp_path, tiny_sysu, monkeypatch):
     root, _ = tiny_sysu
     calls = []
 
-    def model_from_checkpoint(path, device):
+    def model_from_checkpoint(path, device, method=None):
         calls.append((path, device))
         meta = {"height": 32, "width": 16, "dataset": "synthetic", "method": "mult"}
         return ev.pixel_model, meta
