@@ -491,7 +491,8 @@ def get_args_parser():
     p.add_argument("--width", type=int, default=None, help="input width (144; a checkpoint supplies its own)")
     p.add_argument("--batch-size", type=int, default=64, help="test batch size (64)")
     p.add_argument("--device", type=str, default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--workers", type=int, default=4, help="data loading workers (4)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="data loading workers (4, at most the number of CPU cores)")
     p.add_argument("--save-features", type=str, default=None, help="write the features to this .npz")
     p.add_argument("--save-ranklist", type=int, default=0, metavar="K",
                    help="write the top-K rank list of each setting's first trial into --out")

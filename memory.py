@@ -91,6 +91,16 @@ def _occurrence_rank(y):
     return rank
 
 
+def _labelled_unit_rows(feats, labels, bank):
+    """Checked update inputs: the L2-normalised rows of `feats` whose label is not -1, and those labels,
+    on the bank's device and dtype. bank [K, D]; feats [B, D]; labels int [B] in -1..K-1."""
+    k, d = bank.shape
+    _check_feats(feats, d, "feats")
+    labels = _check_labels(labels, feats.shape[0], k, "labels", True).to(bank.device)
+    keep = labels >= 0
+    return _unit_rows(feats.to(bank.device, bank.dtype), "feats")[keep], labels[keep]
+
+
 class ClusterMemory:
     """A non-learnable bank M [K, D] of L2-normalised cluster vectors (MULT spec §7.1).
 
@@ -117,12 +127,7 @@ class ClusterMemory:
         feats [B, D], labels int [B] in -1..K-1; rows labelled -1 (outliers) are skipped.
         The bank is replaced by a new tensor, so logits computed earlier keep their values.
         """
-        k, d = self.bank.shape
-        _check_feats(feats, d, "feats")
-        labels = _check_labels(labels, feats.shape[0], k, "labels", True).to(self.bank.device)
-        keep = labels >= 0
-        f = _unit_rows(feats.to(self.bank.device, self.bank.dtype), "feats")[keep]   # [n, D]
-        y = labels[keep]                                          # [n]
+        f, y = _labelled_unit_rows(feats, labels, self.bank)      # [n, D], [n]
         if y.numel() == 0:
             return
         rank = _occurrence_rank(y)
@@ -303,17 +308,12 @@ class HybridMemory:
                        (cosine) to the current hard[y]; ties -> first in batch order.
         feats [B, D], labels int [B] in -1..K-1 (for the global memory: prototype indices).
         """
-        k, d = self.centroid.shape
-        _check_feats(feats, d, "feats")
-        labels = _check_labels(labels, feats.shape[0], k, "labels", True).to(self.centroid.device)
-        keep = labels >= 0
-        f = _unit_rows(feats.to(self.centroid.device, self.centroid.dtype), "feats")[keep]   # [n, D]
-        y = labels[keep]                                             # [n]
+        f, y = _labelled_unit_rows(feats, labels, self.centroid)   # [n, D], [n]
         n, mu = y.numel(), self.momentum
         if n == 0:
             return
         uniq, inv, counts = torch.unique(y, return_inverse=True, return_counts=True)   # [U]
-        mean = torch.zeros(len(uniq), d, dtype=f.dtype, device=f.device).index_add_(0, inv, f)
+        mean = torch.zeros(len(uniq), f.shape[1], dtype=f.dtype, device=f.device).index_add_(0, inv, f)
         mean = mean / counts[:, None].to(f.dtype)                                     # [U, D]
         sim = (f * self.hard[y]).sum(1)                                               # [n]
         low = torch.full((len(uniq),), float("inf"), dtype=f.dtype, device=f.device)
