@@ -47,7 +47,7 @@ PRESETS = {
                   instances=12, lr_steps="20,60,80", eval_trials=1, workers=4),
     "synthetic": dict(data_root="datasets/synthetic", arch="resnet18", pretrained="synthetic", height=64,
                       width=32, epochs=12, stage_one_epochs=6, iters="60,60", eps=0.5, clusters=8,
-                      instances=8, augment="light", lr_steps="8,11", eval_trials=10, workers=1),
+                      instances=8, augment="light", lr_steps="6,9,11", eval_trials=10, workers=1),
 }
 # MBMIL (mbmil.md §A.4-A.5): two stages of 50 epochs, stage two with a fresh Adam and StepLR(20, 0.1) per
 # stage, 8 pseudo-ids x 16 instances, SYSU visible subset ratio 0.5.
@@ -56,7 +56,7 @@ MBMIL_PRESETS = {
                  subset_ratio=0.5, lr_steps="20,40"),
     "regdb": dict(epochs=100, stage_one_epochs=50, iters="100,100", clusters=8, instances=16,
                   subset_ratio=1.0, lr_steps="20,40"),
-    "synthetic": dict(subset_ratio=0.5, clusters=8, instances=8, iters="60,30"),  # two steps an iteration
+    "synthetic": dict(subset_ratio=0.5, clusters=8, instances=8, iters="60,30", lr_steps="8,11"),
 }
 DEFAULTS = dict(k1=30, k2=6, min_samples=4, lr=3.5e-4, weight_decay=5e-4, alpha=0.2, beta=0.7, temp=0.05,
                 sinkhorn_lambda=25.0, momentum=0.1, subset_ratio=1.0, hard_neg_k=50, intra_margin=0.2,
