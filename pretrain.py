@@ -1,14 +1,17 @@
-"""An ImageNet stand-in for the synthetic CPU demo: supervised pretraining of a plain ResNet on the
-VISIBLE images of a disjoint synthetic population.
+"""An ImageNet stand-in for the synthetic CPU demo: supervised pretraining of a plain ResNet on a disjoint
+synthetic population, one class per (identity, modality).
 
 Both papers start from ImageNet ResNet-50 weights (MULT spec §2; mbmil.md §A.4), and unsupervised re-ID from
 random weights does not bootstrap in a few CPU minutes: a random network's features are nearly collinear (mean
 cosine 0.99 on the synthetic set) and its pseudo-labels stay near chance. ImageNet weights cannot be downloaded
-here, so the synthetic preset starts from weights of the same kind: a classifier trained with labels on visible
-images of *another* population (rendered with another seed, so disjoint identities) and never on an infrared image.
-Like ImageNet weights, they know nothing of the training identities or of the infrared modality; the
-cross-modality association still has to come from the unsupervised method. The weights are a torchvision ResNet
-state dict, loaded into both stems and the shared layers exactly as `--pretrained PATH` loads ImageNet's.
+here, so the synthetic preset starts from weights of the same kind: a classifier trained with labels on images
+of *another* population (rendered with another seed, so disjoint identities). Its classes are (identity,
+modality) pairs: it learns to tell people apart within each modality, as ImageNet features do on real visible
+and near-infrared images, but it is never told which infrared person is which visible one, so the
+cross-modality association still has to come from the unsupervised method. Visible images go through the
+training transforms' two visible views (full colour, or one channel replicated) with equal odds, infrared
+images through the infrared one. The weights are a torchvision ResNet state dict, loaded into both stems and
+the shared layers exactly as `--pretrained PATH` loads ImageNet's.
 
     python pretrain.py --out datasets/synthetic-pretrain   # train.py --dataset synthetic does this itself
 """
@@ -29,23 +32,35 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from data.common import read_image
-from data.synthetic import ensure_synthetic
+from data.synthetic import FORMAT_VERSION, ensure_synthetic
 from data.transforms import train_transforms
 
-VIS_CAMS = (1, 2, 4, 5)
-SETTINGS = dict(arch="resnet18", height=64, width=32, num_ids=100, seed=1000, epochs=10, batch_size=128,
-                lr=1e-3)
+VIS_CAMS, IR_CAMS = (1, 2, 4, 5), (3, 6)
+SETTINGS = dict(modalities="both", arch="resnet18", height=64, width=32, num_ids=100, seed=1000, epochs=10,
+                batch_size=128, lr=1e-3)
 
 
-class VisibleImages(Dataset):
-    """(augmented image, identity index) for every visible image of a SYSU-layout folder."""
+class PretrainImages(Dataset):
+    """(augmented image, class) for the images of a SYSU-layout folder; a class is an (identity, modality).
 
-    def __init__(self, root, height, width, seed):
-        self.paths = sorted(p for cam in VIS_CAMS for p in glob.glob(os.path.join(root, f"cam{cam}", "*", "*.jpg")))
-        if not self.paths:
-            raise FileNotFoundError(f"no visible image under {root}/cam{{1,2,4,5}}/")
-        _, self.labels = np.unique([os.path.basename(os.path.dirname(p)) for p in self.paths], return_inverse=True)
-        self.transform = train_transforms(height, width, 2, pad=max(1, round(10 * height / 288)))["v0"]
+    modalities: "both", or "visible" (an ablation: the infrared stem then starts from weights that never saw an
+    infrared image)
+    """
+
+    def __init__(self, root, height, width, seed, modalities="both"):
+        if modalities not in ("both", "visible"):
+            raise ValueError(f"modalities must be 'both' or 'visible', got {modalities!r}")
+        cams = VIS_CAMS + (IR_CAMS if modalities == "both" else ())
+        rows = sorted((p, cam in IR_CAMS) for cam in cams
+                      for p in glob.glob(os.path.join(root, f"cam{cam}", "*", "*.jpg")))
+        if not rows:
+            raise FileNotFoundError(f"no image under {root}/cam{{{','.join(map(str, cams))}}}/")
+        self.paths = [p for p, _ in rows]
+        self.ir = np.array([ir for _, ir in rows])
+        classes = [(os.path.basename(os.path.dirname(p)), ir) for p, ir in rows]    # (identity folder, modality)
+        _, self.labels = np.unique([f"{pid}/{int(ir)}" for pid, ir in classes], return_inverse=True)
+        tf = train_transforms(height, width, 2, pad=max(1, round(10 * height / 288)))
+        self.transform, self.transform_v1, self.transform_r = tf["v0"], tf["v1"], tf["r"]
         self.seed, self.epoch = seed, 0
 
     def __len__(self):
@@ -53,18 +68,19 @@ class VisibleImages(Dataset):
 
     def __getitem__(self, i):
         rng = np.random.default_rng([self.seed, self.epoch, i])
-        return self.transform(read_image(self.paths[i]), rng), int(self.labels[i])
+        tf = self.transform_r if self.ir[i] else (self.transform_v1 if rng.random() < 0.5 else self.transform)
+        return tf(read_image(self.paths[i]), rng), int(self.labels[i])
 
 
-def pretrain(out, arch="resnet18", height=64, width=32, num_ids=100, seed=1000, epochs=10, batch_size=128,
-             lr=1e-3, device="cpu"):
+def pretrain(out, modalities="both", arch="resnet18", height=64, width=32, num_ids=100, seed=1000, epochs=10,
+             batch_size=128, lr=1e-3, device="cpu"):
     """Render the disjoint population under out/data, train, and write out/<arch>.pth; returns its path."""
-    settings = dict(arch=arch, height=height, width=width, num_ids=num_ids, seed=seed, epochs=epochs,
-                    batch_size=batch_size, lr=lr)
+    settings = dict(modalities=modalities, arch=arch, height=height, width=width, num_ids=num_ids, seed=seed,
+                    epochs=epochs, batch_size=batch_size, lr=lr, data_version=FORMAT_VERSION)
     os.makedirs(out, exist_ok=True)
     data_root = os.path.join(out, "data")
     ensure_synthetic(data_root, num_ids=num_ids, seed=seed, progress=True)
-    data = VisibleImages(data_root, height, width, seed)
+    data = PretrainImages(data_root, height, width, seed, modalities)
     torch.manual_seed(seed)
     net = getattr(torchvision.models, arch)(weights=None, num_classes=int(data.labels.max()) + 1).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=5e-4)
@@ -96,11 +112,12 @@ def pretrain(out, arch="resnet18", height=64, width=32, num_ids=100, seed=1000, 
 def ensure_pretrained(out, device="cpu", **kwargs):
     """Path of the weights for these settings, pretraining first if they are missing or differ."""
     settings = dict(SETTINGS, **kwargs)
+    expected = dict(settings, data_version=FORMAT_VERSION)     # weights of an older data format are stale
     path = os.path.join(out, f"{settings['arch']}.pth")
     try:
         with open(os.path.join(out, "pretrain.json")) as f:
             done = json.load(f)
-        if os.path.isfile(path) and all(done.get(k) == v for k, v in settings.items()):
+        if os.path.isfile(path) and all(done.get(k) == v for k, v in expected.items()):
             return path
     except (OSError, ValueError):
         pass
@@ -115,9 +132,10 @@ def main(argv=None):
     p.add_argument("--width", type=int, default=SETTINGS["width"])
     p.add_argument("--epochs", type=int, default=SETTINGS["epochs"])
     p.add_argument("--device", type=str, default="cpu")
+    p.add_argument("--modalities", choices=("visible", "both"), default=SETTINGS["modalities"])
     args = p.parse_args(argv)
     print(ensure_pretrained(args.out, device=args.device, arch=args.arch, height=args.height, width=args.width,
-                            epochs=args.epochs))
+                            epochs=args.epochs, modalities=args.modalities))
 
 
 if __name__ == "__main__":

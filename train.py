@@ -172,11 +172,12 @@ def load_training_set(args):
     if args.dataset == "synthetic":
         from data.synthetic import ensure_synthetic
         meta_path = os.path.join(args.data_root, "synthetic.json")
-        if os.path.isfile(meta_path):  # a set rendered before, possibly with other sizes: use it as it is
+        rendered = {}
+        if os.path.isfile(meta_path):  # a set rendered before, possibly with other sizes: keep them
             with open(meta_path) as f:
-                expected = json.load(f)["train_counts"]
-        else:                          # the default demo set
-            expected = ensure_synthetic(args.data_root, progress=True)["train_counts"]
+                rendered = json.load(f).get("args", {})
+        # renders the default demo set if it is missing, or again if it is of an older format
+        expected = ensure_synthetic(args.data_root, progress=True, **rendered)["train_counts"]
     return sysu_train(args.data_root, expected=None if args.allow_count_mismatch else expected)
 
 
@@ -497,7 +498,8 @@ def main(args):
         weights = ensure_pretrained(os.path.join(os.path.dirname(os.path.normpath(args.data_root)),
                                                  "synthetic-pretrain"), arch=args.arch, height=args.height,
                                     width=args.width, device=args.device)
-        log(f"initial weights: {weights} (supervised on visible images of a disjoint synthetic population)")
+        log(f"initial weights: {weights} (supervised on a disjoint synthetic population, "
+            "one class per identity and modality)")
     model = TwoStreamNet(args.arch, weights).to(args.device)
     optimizer = make_optimizer(model, args)
     start, history, untrained = 0, [], None

@@ -7,11 +7,15 @@ disk, §1.3 every file decodes to 3 channels).
 Identity lives in both modalities in body shape (height, shoulder and hip width, head size, leg
 length), cut (sleeves, trousers/shorts/skirt, long hair), garment pattern (solid, stripes in three
 directions, checks, dots) and its period, and accessories (hat, bag or backpack, side); in visible
-only in garment hue, saturation and value; in infrared only in each garment's "emissivity", drawn
-independently of its colour, so visible luminance does not predict infrared intensity (the
-modality gap is real). Nuisance: per camera (mirrored view, shear, shift, scale, background,
-gain and colour cast, infrared response and blur), per image (position, scale, legs, arms,
-light, background, noise).
+only in garment hue and saturation. Infrared stands for the near-infrared of SYSU-MM01 and RegDB's
+cameras: a garment's infrared level is NIR_FROM_LUMA = 0.8 its visible luminance plus 0.2 a
+reflectance drawn independently of its colour, so luminance predicts infrared intensity only in part
+(correlation about 0.93; the modality gap stays real: hue and saturation vanish, and camera response,
+background and blur differ). With infrared independent of colour (NIR_FROM_LUMA = 0, this module's
+format 1) nothing but shape and pattern links the modalities, and the CPU demo could not show
+cross-modality learning (README, "Demo results"). Nuisance: per camera (mirrored view, shear, shift,
+scale, background, gain and colour cast, infrared response and blur), per image (position, scale,
+legs, arms, light, background, noise).
 
 Infrared is rendered as one intensity channel and saved as an RGB JPEG with three equal channels:
 libjpeg's fixed-point YCbCr weights sum exactly, so a grey pixel has chroma exactly 128 and the
@@ -36,7 +40,9 @@ from tqdm import tqdm
 from data.common import IR, VIS
 
 META = "synthetic.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2            # 2: infrared follows visible luminance in part (NIR_FROM_LUMA)
+LUMA = np.array([0.299, 0.587, 0.114])   # ITU-R BT.601, as PIL's convert("L")
+NIR_FROM_LUMA = 0.8
 SYSU_CAMS = {1: VIS, 2: VIS, 3: IR, 4: VIS, 5: VIS, 6: IR}   # as in the real SYSU-MM01
 MISSING_RATE = 0.10           # fraction of (id, camera) folders left out, like real SYSU-MM01
 REGDB_IMAGES, REGDB_TRIALS = 10, 10
@@ -68,14 +74,20 @@ def _contrast(rng, base, low, high):
     return base + d if low <= base + d <= high else base - d
 
 
+def _infrared(rgb, reflectance):
+    """Infrared level of a garment: luminance mapped to [0.1, 0.9] mixed with its own reflectance."""
+    return NIR_FROM_LUMA * (0.1 + 0.8 * float(rgb @ LUMA)) + (1 - NIR_FROM_LUMA) * reflectance
+
+
 def _garment(rng, kind_probs):
-    """Colours a, b as [r, g, b, ir] and a pattern; visible and infrared drawn independently."""
+    """Colours a, b as [r, g, b, ir] and a pattern; ir mixes luminance and an independent reflectance."""
     h_a, s_a, v_a = rng.random(), rng.uniform(0.15, 1.0), rng.uniform(0.2, 0.95)
     v_b = _contrast(rng, v_a, 0.05, 1.0)
-    ir_a = rng.uniform(0.1, 0.9)                  # emissivity: independent of hue and value
+    ir_a = rng.uniform(0.1, 0.9)                  # reflectance: independent of hue and value
     ir_b = _contrast(rng, ir_a, 0.05, 1.0)
-    a = np.append(_hsv(h_a, s_a, v_a), ir_a)
-    b = np.append(_hsv(rng.random(), rng.uniform(0.15, 1.0), v_b), ir_b)
+    rgb_a, rgb_b = _hsv(h_a, s_a, v_a), _hsv(rng.random(), rng.uniform(0.15, 1.0), v_b)
+    a = np.append(rgb_a, _infrared(rgb_a, ir_a))
+    b = np.append(rgb_b, _infrared(rgb_b, ir_b))
     return dict(a=a, b=b, kind=int(rng.choice(6, p=kind_probs)),
                 period=float(np.exp(rng.uniform(np.log(0.065), np.log(0.14)))),
                 phase=rng.random(2))
