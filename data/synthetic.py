@@ -7,11 +7,11 @@ disk, §1.3 every file decodes to 3 channels).
 Identity lives in both modalities in body shape (height, shoulder and hip width, head size, leg
 length), cut (sleeves, trousers/shorts/skirt, long hair), garment pattern (solid, stripes in three
 directions, checks, dots) and its period, and accessories (hat, bag or backpack, side); in visible
-only in garment hue and saturation. Infrared stands for the near-infrared of SYSU-MM01 and RegDB's
-cameras: a garment's infrared level is NIR_FROM_LUMA = 0.8 its visible luminance plus 0.2 a
-reflectance drawn independently of its colour, so luminance predicts infrared intensity only in part
-(correlation about 0.93; the modality gap stays real: hue and saturation vanish, and camera response,
-background and blur differ). With infrared independent of colour (NIR_FROM_LUMA = 0, this module's
+only in garment hue and saturation. Infrared stands for the near-infrared of SYSU-MM01's cameras
+(RegDB's thermal camera is not modelled): a garment's infrared level is NIR_FROM_LUMA = 0.8 its
+visible luminance plus 0.2 a reflectance drawn independently of its colour, so luminance predicts
+infrared intensity only in part (correlation about 0.93; the modality gap stays real: hue and
+saturation vanish, and camera response, background and blur differ). With infrared independent of colour (NIR_FROM_LUMA = 0, this module's
 format 1) nothing but shape and pattern links the modalities, and the CPU demo could not show
 cross-modality learning (README, "Demo results"). Nuisance: per camera (mirrored view, shear, shift,
 scale, background, gain and colour cast, infrared response and blur), per image (position, scale,
