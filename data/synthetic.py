@@ -11,11 +11,11 @@ only in garment hue and saturation. Infrared stands for the near-infrared of SYS
 (RegDB's thermal camera is not modelled): a garment's infrared level is NIR_FROM_LUMA = 0.8 its
 visible luminance plus 0.2 a reflectance drawn independently of its colour, so luminance predicts
 infrared intensity only in part (correlation about 0.93; the modality gap stays real: hue and
-saturation vanish, and camera response, background and blur differ). With infrared independent of colour (NIR_FROM_LUMA = 0, this module's
-format 1) nothing but shape and pattern links the modalities, and the CPU demo could not show
-cross-modality learning (README, "Demo results"). Nuisance: per camera (mirrored view, shear, shift,
-scale, background, gain and colour cast, infrared response and blur), per image (position, scale,
-legs, arms, light, background, noise).
+saturation vanish, and camera response, background and blur differ). With infrared independent of
+colour (NIR_FROM_LUMA = 0, this module's format 1) nothing but shape and pattern links the
+modalities, and the CPU demo could not show cross-modality learning (README, "Demo results").
+Nuisance: per camera (mirrored view, shear, shift, scale, background, gain and colour cast, infrared
+response and blur), per image (position, scale, legs, arms, light, background, noise).
 
 Infrared is rendered as one intensity channel and saved as an RGB JPEG with three equal channels:
 libjpeg's fixed-point YCbCr weights sum exactly, so a grey pixel has chroma exactly 128 and the
@@ -75,12 +75,12 @@ def _contrast(rng, base, low, high):
 
 
 def _infrared(rgb, reflectance):
-    """Infrared level of a garment: luminance mapped to [0.1, 0.9] mixed with its own reflectance."""
+    """Infrared level of a garment: luminance (mapped to [0.1, 0.9]) mixed with its reflectance."""
     return NIR_FROM_LUMA * (0.1 + 0.8 * float(rgb @ LUMA)) + (1 - NIR_FROM_LUMA) * reflectance
 
 
 def _garment(rng, kind_probs):
-    """Colours a, b as [r, g, b, ir] and a pattern; ir mixes luminance and an independent reflectance."""
+    """Colours a, b as [r, g, b, ir] and a pattern; ir mixes luminance and independent reflectance."""
     h_a, s_a, v_a = rng.random(), rng.uniform(0.15, 1.0), rng.uniform(0.2, 0.95)
     v_b = _contrast(rng, v_a, 0.05, 1.0)
     ir_a = rng.uniform(0.1, 0.9)                  # reflectance: independent of hue and value
