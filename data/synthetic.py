@@ -80,7 +80,7 @@ def _infrared(rgb, reflectance):
 
 
 def _garment(rng, kind_probs):
-    """Colours a, b as [r, g, b, ir] and a pattern; ir mixes luminance and independent reflectance."""
+    """Colours a, b as [r, g, b, ir] and a pattern; ir: luminance and independent reflectance."""
     h_a, s_a, v_a = rng.random(), rng.uniform(0.15, 1.0), rng.uniform(0.2, 0.95)
     v_b = _contrast(rng, v_a, 0.05, 1.0)
     ir_a = rng.uniform(0.1, 0.9)                  # reflectance: independent of hue and value
