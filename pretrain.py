@@ -57,8 +57,8 @@ class PretrainImages(Dataset):
             raise FileNotFoundError(f"no image under {root}/cam{{{','.join(map(str, cams))}}}/")
         self.paths = [p for p, _ in rows]
         self.ir = np.array([ir for _, ir in rows])
-        classes = [(os.path.basename(os.path.dirname(p)), ir) for p, ir in rows]    # (identity folder, modality)
-        _, self.labels = np.unique([f"{pid}/{int(ir)}" for pid, ir in classes], return_inverse=True)
+        classes = [f"{os.path.basename(os.path.dirname(p))}/{int(ir)}" for p, ir in rows]   # "<identity>/<is ir>"
+        _, self.labels = np.unique(classes, return_inverse=True)
         tf = train_transforms(height, width, 2, pad=max(1, round(10 * height / 288)))
         self.transform, self.transform_v1, self.transform_r = tf["v0"], tf["v1"], tf["r"]
         self.seed, self.epoch = seed, 0

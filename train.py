@@ -175,7 +175,11 @@ def load_training_set(args):
         rendered = {}
         if os.path.isfile(meta_path):  # a set rendered before, possibly with other sizes: keep them
             with open(meta_path) as f:
-                rendered = json.load(f).get("args", {})
+                meta = json.load(f)
+            if meta.get("layout") != "sysu":   # never overwrite another layout's set
+                raise SystemExit(f"{meta_path}: a synthetic set in the {meta.get('layout')!r} layout; "
+                                 "--dataset synthetic reads the SYSU-MM01 layout (python -m data.synthetic --out DIR)")
+            rendered = meta["args"]
         # renders the default demo set if it is missing, or again if it is of an older format
         expected = ensure_synthetic(args.data_root, progress=True, **rendered)["train_counts"]
     return sysu_train(args.data_root, expected=None if args.allow_count_mismatch else expected)

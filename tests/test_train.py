@@ -101,3 +101,25 @@ def test_bad_arguments(tiny_root, tmp_path):
         run(tiny_root, tmp_path, "--dataset", "regdb", "--trial", "11")
     with pytest.raises(FileNotFoundError):
         run(str(tmp_path / "missing"), tmp_path / "out", "--dataset", "sysu")
+
+
+def test_synthetic_set_of_an_older_format_is_rerendered_and_another_layout_kept(tmp_path, monkeypatch):
+    from data import synthetic
+    root = tmp_path / "old"
+    render_sysu(root, num_ids=6, images_per_cam=1, height=16, width=8, seed=4)
+    meta_path = root / synthetic.META
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps(dict(meta, version=synthetic.FORMAT_VERSION - 1)))
+    args = train.resolve_args(train.get_args_parser().parse_args(["--data-root", str(root), "--out", str(tmp_path)]))
+    vis, ir = train.load_training_set(args)
+    fresh = json.loads(meta_path.read_text())
+    assert fresh["version"] == synthetic.FORMAT_VERSION and fresh["args"] == meta["args"]   # same sizes, new format
+    assert len(vis) == meta["train_counts"]["vis"] and len(ir) == meta["train_counts"]["ir"]
+
+    regdb = tmp_path / "regdb"
+    synthetic.render_regdb(regdb, num_ids=4, height=16, width=8, seed=4)
+    before = sorted(p.name for p in regdb.iterdir())
+    args.data_root = str(regdb)
+    with pytest.raises(SystemExit, match="layout"):
+        train.load_training_set(args)
+    assert sorted(p.name for p in regdb.iterdir()) == before
