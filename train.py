@@ -170,8 +170,8 @@ def load_training_set(args):
     from data.sysu import SYSU_TRAIN_COUNTS, sysu_train
     expected = SYSU_TRAIN_COUNTS
     if args.dataset == "synthetic":
-        from data.synthetic import ensure_synthetic
-        meta_path = os.path.join(args.data_root, "synthetic.json")
+        from data.synthetic import META, ensure_synthetic
+        meta_path = os.path.join(args.data_root, META)
         rendered = {}
         if os.path.isfile(meta_path):  # a set rendered before, possibly with other sizes: keep them
             with open(meta_path) as f:
