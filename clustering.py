@@ -72,10 +72,11 @@ def _check_inputs(features, k1, k2, modality):
     x = features.detach().to(torch.float32)
     if not bool(torch.isfinite(x).all()):
         raise ValueError("features: contains NaN or Inf")
-    err = (x.norm(dim=1) - 1).abs()
-    if float(err.max()) > NORM_TOL:
-        raise ValueError(f"features: rows must be L2-normalised (|norm - 1| <= {NORM_TOL}); row {int(err.argmax())} "
-                         f"has norm {float(err.max()) + 1:.6g} (use torch.nn.functional.normalize)")
+    norms = x.norm(dim=1)
+    worst = int((norms - 1).abs().argmax())
+    if abs(float(norms[worst]) - 1) > NORM_TOL:
+        raise ValueError(f"features: rows must be L2-normalised (|norm - 1| <= {NORM_TOL}); row {worst} "
+                         f"has norm {float(norms[worst]):.6g} (use torch.nn.functional.normalize)")
     if modality is None:
         return x, None
     mod = np.asarray(modality.detach().cpu() if isinstance(modality, torch.Tensor) else modality)

@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -397,21 +398,44 @@ def _save_pool(path, pool, plan, info):
 def evaluate_from_features(path, settings=None, trials=None, save_ranklist=0, ranklist_dir=None):
     """Re-run the metrics from a `save_features` file, without a model; `settings` / `trials`
     select among the saved ones (default: all). Returns the same results as the original run."""
-    with np.load(path, allow_pickle=False) as z:
-        missing = {"feats", "paths", "pids", "camids", "modality", "info", "plan"} - set(z.files)
-        if missing:
-            raise ValueError(f"{path}: not a feature file written by --save-features "
-                             f"(missing {sorted(missing)})")
-        pool = {k: z[k] for k in ("feats", "pids", "camids", "modality")}
-        pool["paths"] = z["paths"].tolist()
-        info = json.loads(str(z["info"]))
-        plan = [(s, t, z[f"q{i}"], z[f"g{i}"]) for i, (s, t) in enumerate(json.loads(str(z["plan"])))]
+    pool, plan, info = _load_pool(path)
     chosen = [p for p in plan if (settings is None or p[0] in settings)
               and (trials is None or p[1] in set(trials))]
     if not chosen:
         raise ValueError(f"{path}: no saved evaluation matches settings={settings}, trials="
                          f"{None if trials is None else list(trials)}; saved: {[p[:2] for p in plan]}")
     return _run_plan(pool, chosen, info, None, save_ranklist, ranklist_dir)
+
+
+def _load_pool(path):
+    """(pool, plan, info) of a --save-features file; ValueError naming the file for anything else."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--from-features: file not found: {path}")
+    expected = "an .npz written by evaluate.py --save-features"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = {"feats", "paths", "pids", "camids", "modality", "info", "plan"} - set(z.files)
+            if missing:
+                raise ValueError(f"missing arrays {sorted(missing)}")
+            pool = {k: z[k] for k in ("feats", "pids", "camids", "modality")}
+            pool["paths"] = z["paths"].tolist()
+            info = json.loads(str(z["info"]))
+            plan = [(s, t, z[f"q{i}"], z[f"g{i}"]) for i, (s, t) in enumerate(json.loads(str(z["plan"])))]
+        m = len(pool["feats"])
+        if pool["feats"].ndim != 2 or any(len(pool[k]) != m for k in ("pids", "camids", "modality", "paths")):
+            raise ValueError("feats, paths, pids, camids and modality do not have one row each")
+        for _, _, q, g in plan:
+            if not (np.issubdtype(q.dtype, np.integer) and np.issubdtype(g.dtype, np.integer)) \
+                    or min(q.min(initial=0), g.min(initial=0)) < 0 or max(q.max(initial=0), g.max(initial=0)) >= m:
+                raise ValueError("a query or gallery index lies outside the saved rows")
+        if info.get("protocol") not in ("sysu", "regdb"):
+            raise ValueError(f"unknown protocol {info.get('protocol')!r}")
+    except ValueError as err:
+        raise ValueError(f"--from-features {path}: not {expected} ({err})") from None
+    except (OSError, EOFError, KeyError, IndexError, TypeError, AttributeError, zipfile.BadZipFile) as err:
+        raise ValueError(f"--from-features {path}: not {expected} (unreadable: "
+                         f"{type(err).__name__})") from None
+    return pool, plan, info
 
 
 def write_ranklist(path, distmat, q_paths, g_paths, q_pids, g_pids, k, q_camids=None, g_camids=None):
@@ -544,5 +568,17 @@ def main(argv=None):
     return results
 
 
+def cli(argv=None):
+    """main() for the command line: a problem with the input is one line on stderr and exit status
+    2, not a traceback (VIREID_TRACEBACK=1 shows the traceback)."""
+    try:
+        return main(argv)
+    except (ValueError, OSError) as err:
+        if os.environ.get("VIREID_TRACEBACK"):
+            raise
+        print(f"evaluate.py: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    main()
+    cli()

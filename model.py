@@ -12,6 +12,7 @@ never reaches a loss (and crashes on NumPy >= 1.24); it is dropped here, as are 
 parameter and the dead layer1..4 of the two stem networks (they never receive a gradient).
 """
 import os
+import shutil
 
 import torch
 import torch.nn as nn
@@ -58,7 +59,9 @@ def load_backbone_weights(net, path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"--pretrained: cannot read {path} as a PyTorch state dict: {err}") from None
+        raise ValueError(f"--pretrained: {path} is not a weight file torch.load can read safely "
+                         f"({type(err).__name__}); expected a torchvision ResNet state dict saved with "
+                         f"torch.save, e.g. resnet50-0676ba61.pth") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -148,8 +151,17 @@ def save_checkpoint(state, path):
     """Write `state` to `path` atomically (temporary file + rename)."""
     state = dict(state, format=CHECKPOINT_FORMAT)
     tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:       # torch reports a full disk as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        folder = os.path.dirname(os.path.abspath(path))
+        free = shutil.disk_usage(folder).free / 2**20
+        raise OSError(f"cannot write checkpoint {path}: {str(err).splitlines()[0][:200]}; "
+                      f"{free:.0f} MiB free in {folder} (is it full?). The previous checkpoint, "
+                      f"if any, is unchanged.") from None
 
 
 def load_checkpoint(path, method=None, dataset=None, trial=None):

@@ -12,10 +12,12 @@ continues a run folder at its next epoch and reproduces the uninterrupted run: e
 (sampler, augmentation) is seeded by (--seed, epoch), so nothing but model, optimizer and epoch needs restoring.
 """
 import argparse
+import hashlib
 import json
 import os
 import sys
 import time
+import warnings
 
 # Idle OpenMP threads that spin steal the CPU from the data loader and from each other: on a 2-core
 # machine the sparse clustering steps ran 5-10x slower without this (bench/bench_clustering.py).
@@ -31,7 +33,7 @@ import evaluate
 import memory
 import mult
 from data import samplers, transforms
-from data.common import VIS, IR
+from data.common import VIS, IR, read_image
 from data.loader import TrainBatches
 from model import TwoStreamNet, load_checkpoint, save_checkpoint
 
@@ -109,6 +111,11 @@ def get_args_parser():
     a("--seed", type=int, default=1, help="seeds everything")
     a("--out", type=str, default=None, help="run folder (default runs/<method>_<dataset>[_trial<t>])")
     a("--resume", type=str, default="auto", help="auto (continue --out if it has last.pth), a checkpoint path, or none")
+    a("--overwrite", action="store_true", help="with --resume none: replace the run already in --out")
+    a("--init-from", type=str, default=None,
+      help="a stage1.pth: start this run's stage two from that shared stage one (its stage-one flags must agree)")
+    a("--check-images", action=argparse.BooleanOptionalAction, default=True,
+      help="decode every training and test image once before training (default on)")
     a("--device", type=str, default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     a("--amp", action=argparse.BooleanOptionalAction, default=False, help="mixed precision on CUDA (off)")
     a("--workers", type=int, default=None, help="data-loading processes")
@@ -118,29 +125,224 @@ def get_args_parser():
 
 
 def resolve_args(args):
-    """Fill every flag left unset from the dataset (and method) preset, then the defaults."""
+    """Fill every flag left unset from the presets, check every flag, name the run folder."""
+    args = fill_presets(args)
+    check_flags(args)
+    if args.out is None:
+        args.out = default_out(args)
+    return args
+
+
+def fill_presets(args):
+    """Every flag left unset takes the dataset (and method) preset's value, then the default."""
     preset = dict(DEFAULTS, **PRESETS[args.dataset])
     if args.method == "mbmil":
         preset.update(MBMIL_PRESETS[args.dataset])
     for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    iters = [int(x) for x in str(args.iters).split(",")]
-    args.iters = iters * 2 if len(iters) == 1 else iters
-    args.lr_steps = [int(x) for x in str(args.lr_steps).split(",") if x]
-    if args.dataset == "regdb" and not 1 <= args.trial <= 10:
-        raise SystemExit(f"--trial must be in 1..10 for RegDB (one model per split), got {args.trial}")
+    args.iters = parse_ints(args.iters, "--iters", minimum=1)
+    args.iters = args.iters * 2 if len(args.iters) == 1 else args.iters
+    args.lr_steps = parse_ints(args.lr_steps, "--lr-steps", minimum=0)
     if args.dataset != "regdb":
         args.trial = None
-    if args.out is None:
-        args.out = os.path.join("runs", f"{args.method}_{args.dataset}" + (f"_trial{args.trial}" if args.trial else ""))
     if args.eval_untrained is None:
         args.eval_untrained = args.dataset == "synthetic"
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not 0 <= args.stage_one_epochs <= args.epochs:
-        raise SystemExit(f"--stage-one-epochs must be in 0..--epochs ({args.epochs}), got {args.stage_one_epochs}")
     return args
+
+
+def parse_ints(text, flag, minimum):
+    """'300,200' -> [300, 200]; a clear error naming the flag otherwise."""
+    if isinstance(text, list):
+        return text
+    parts = [x.strip() for x in str(text).split(",") if x.strip()]
+    if not all(x.isdigit() and int(x) >= minimum for x in parts):
+        raise SystemExit(f"train.py: error: {flag} expects comma-separated integers >= {minimum}, got {text!r}")
+    return [int(x) for x in parts]
+
+
+MIN_HEIGHT, MIN_WIDTH = 16, 8   # the backbone downsamples 16x (last stride 1); smaller leaves no feature map
+
+
+def check_flags(args):
+    """Every flag in its range, before anything is read or written: SystemExit naming the flag."""
+    def need(ok, flag, expected):
+        if not ok:
+            value = getattr(args, flag.lstrip("-").replace("-", "_"))
+            raise SystemExit(f"train.py: error: {flag} must be {expected}, got {value!r}")
+    if args.dataset == "regdb":
+        need(args.trial in range(1, 11), "--trial", "in 1..10 for RegDB (one model per split)")
+    need(args.epochs >= 1, "--epochs", ">= 1")
+    need(0 <= args.stage_one_epochs <= args.epochs, "--stage-one-epochs", f"in 0..--epochs ({args.epochs})")
+    need(len(args.iters) == 2, "--iters", "'N' or 'stage1,stage2'")
+    need(args.height >= MIN_HEIGHT, "--height", f">= {MIN_HEIGHT} (the backbone downsamples 16x)")
+    need(args.width >= MIN_WIDTH, "--width", f">= {MIN_WIDTH} (the backbone downsamples 16x)")
+    for flag in ("--clusters", "--instances", "--k2", "--min-samples", "--hard-neg-k", "--eval-every",
+                 "--eval-trials", "--extract-batch"):
+        need(getattr(args, flag[2:].replace("-", "_")) >= 1, flag, "an integer >= 1")
+    need(args.k1 >= 2 and args.k1 >= args.k2, "--k1", f">= 2 and >= --k2 ({args.k2})")
+    need(args.method != "mbmil" or args.k1 % 2 == 0, "--k1", "even for MBMIL (k1/2 neighbours per modality)")
+    need(args.lr > 0, "--lr", "> 0")
+    need(args.weight_decay >= 0, "--weight-decay", ">= 0")
+    need(0 < args.eps <= 1, "--eps", "in (0, 1] (a Jaccard distance)")
+    for flag in ("--alpha", "--beta", "--momentum"):
+        need(0 <= getattr(args, flag[2:]) <= 1, flag, "in [0, 1]")
+    need(args.temp > 0, "--temp", "> 0")
+    need(args.sinkhorn_lambda > 0, "--sinkhorn-lambda", "> 0")
+    need(0 < args.subset_ratio <= 1, "--subset-ratio", "in (0, 1]")
+    need(args.intra_margin >= 0, "--intra-margin", ">= 0")
+    need(args.seed >= 0, "--seed", ">= 0")
+    need(args.workers >= 0, "--workers", ">= 0")
+    need(args.threads is None or args.threads >= 1, "--threads", ">= 1")
+    need(args.resume in ("auto", "none") or os.path.isfile(args.resume), "--resume",
+         "auto, none or an existing checkpoint file")
+    need(args.init_from is None or os.path.isfile(args.init_from), "--init-from", "an existing stage1.pth")
+    need(not args.overwrite or args.resume == "none", "--overwrite", "used with --resume none")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Run folder: one configuration per folder; resume, branch, never overwrite unasked.
+
+# Flags that cannot change what a run computes or reports: they may differ between a run and its resume.
+RUNTIME_FLAGS = frozenset({"out", "resume", "overwrite", "init_from", "check_images", "workers", "device",
+                           "threads", "extract_batch", "eval_every", "eval_untrained", "select_on_test",
+                           "allow_count_mismatch"})
+# Flags that stage one never reads: a stage two may branch off a shared stage one with other values.
+STAGE_TWO_FLAGS = frozenset({"association", "oclr", "alpha", "beta", "sinkhorn_lambda", "hard_neg_k",
+                             "epochs", "eval_trials", "iters", "lr_steps"})   # iters, lr_steps: compared per stage
+RUN_FILES = ("last.pth", "stage1.pth", "results.json", "metrics.jsonl", "log.txt", "args.json")
+
+
+def result_args(args):
+    """The flags that decide a run's result, {name: value}."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in RUNTIME_FLAGS}
+
+
+def preset_args(args):
+    """The result flags the presets give for this method, dataset and trial."""
+    argv = ["--method", args.method, "--dataset", args.dataset] + (["--trial", str(args.trial)] if args.trial else [])
+    return result_args(fill_presets(get_args_parser().parse_args(argv)))
+
+
+def changed_flags(args):
+    """{flag: (preset value, this run's value)} for every result flag off its preset."""
+    preset = preset_args(args)
+    return {k: (preset.get(k), v) for k, v in result_args(args).items() if preset.get(k) != v}
+
+
+def default_out(args):
+    """runs/<method>_<dataset>[_trial<t>], then one tag per flag off its preset (--seed 2 -> seed-2,
+    --no-oclr -> no-oclr, a path -> data-root-<hash>), so every configuration has its own folder."""
+    tags = []
+    for key, (_, value) in changed_flags(args).items():
+        name = key.replace("_", "-")
+        if isinstance(value, bool):
+            tags.append(name if value else f"no-{name}")
+            continue
+        text = ",".join(map(str, value)) if isinstance(value, list) else f"{value:g}" if isinstance(value, float) \
+            else str(value)
+        safe = len(text) <= 24 and all(c.isalnum() or c in ".,+-" for c in text)
+        tags.append(f"{name}-{text if safe else short_hash(text)}")
+    name = "_".join([f"{args.method}_{args.dataset}" + (f"_trial{args.trial}" if args.trial else "")] + tags)
+    if len(name) > 120:
+        name = f"{args.method}_{args.dataset}" + (f"_trial{args.trial}" if args.trial else "") + \
+            "_cfg-" + short_hash(json.dumps(changed_flags(args), sort_keys=True, default=str))
+    return os.path.join("runs", name)
+
+
+def short_hash(text):
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def describe(value):
+    """A flag's value as it is typed: 300,200 for a list, the text of a string."""
+    return ",".join(map(str, value)) if isinstance(value, list) else value if isinstance(value, str) \
+        else json.dumps(value)
+
+
+def check_same_run(saved, args, path, keys, what):
+    """Refuse `path` when a flag among `keys` differs from the run it was written by (naming each)."""
+    preset = preset_args(args)
+    current = result_args(args)
+    diffs = [f"--{k.replace('_', '-')} {describe(saved.get(k, preset.get(k)))} (saved) vs "
+             f"{describe(current[k])} (now)" for k in keys if saved.get(k, preset.get(k)) != current[k]]
+    if diffs:
+        raise SystemExit(f"train.py: error: {path} {what}, but these flags differ: " + "; ".join(diffs) +
+                         ". Run the other configuration in its own folder (drop --out for the default "
+                         "one), or give the same flags.")
+
+
+def stage_one_view(run):
+    """What stage one computes from, for comparing a stage1.pth with a new run's flags."""
+    return {"iters_stage_one": run["iters"][0],
+            "lr_stage_one": [learning_rate(e, argparse.Namespace(**run)) for e in range(run["stage_one_epochs"])]}
+
+
+def plan_run(args):
+    """Decide, before anything is written, how this run starts: a dict with "mode" (fresh, resume,
+    init) and the checkpoint to start from. Every refusal comes from here."""
+    own = os.path.join(args.out, "last.pth")
+    present = [f for f in ("last.pth", "stage1.pth", "results.json") if os.path.isfile(os.path.join(args.out, f))]
+    if args.resume == "none":
+        if present and not args.overwrite:
+            raise SystemExit(f"train.py: error: --resume none, but {args.out} already holds a run "
+                             f"({', '.join(present)}); add --overwrite to replace it, or give another --out")
+        return {"mode": "fresh", "replace": bool(present)}
+    path = own if args.resume == "auto" else args.resume
+    if args.resume != "auto" and os.path.abspath(path) != os.path.abspath(own) and present:
+        raise SystemExit(f"train.py: error: --resume {path}: {args.out} already holds another run "
+                         f"({', '.join(present)}); give another --out")
+    if os.path.isfile(path):
+        ckpt = load_checkpoint(path, method=args.method, dataset=args.dataset, trial=args.trial)
+        keys = [k for k in result_args(args) if k != "epochs"]
+        check_same_run(ckpt["args"], args, path, keys, "was written by a run with other flags")
+        if args.epochs < ckpt["epoch"]:
+            raise SystemExit(f"train.py: error: --epochs {args.epochs}, but {path} has {ckpt['epoch']} epochs "
+                             f"done; give --epochs >= {ckpt['epoch']} (or another --out)")
+        return {"mode": "resume", "path": path, "ckpt": ckpt, "own": path == own}
+    if present:   # results.json or stage1.pth without last.pth: not a state this code leaves
+        raise SystemExit(f"train.py: error: {args.out} holds {', '.join(present)} but no last.pth to resume "
+                         f"from; give another --out, or --resume none --overwrite to replace it")
+    if args.init_from:
+        ckpt = load_checkpoint(args.init_from, method=args.method, dataset=args.dataset, trial=args.trial)
+        if ckpt.get("stage_one_end") is not True or ckpt["epoch"] != args.stage_one_epochs:
+            raise SystemExit(f"train.py: error: --init-from {args.init_from}: expected a stage1.pth written at the "
+                             f"end of stage one (--stage-one-epochs {args.stage_one_epochs}); it holds "
+                             f"{ckpt['epoch']} epochs")
+        saved = dict(ckpt["args"], **stage_one_view(ckpt["args"]))
+        view = argparse.Namespace(**dict(vars(args), **stage_one_view(vars(args))))
+        keys = [k for k in result_args(args) if k not in STAGE_TWO_FLAGS]
+        check_same_run(saved, view, args.init_from, keys + list(stage_one_view(vars(args))),
+                       "holds a stage one trained with other flags")
+        return {"mode": "init", "path": args.init_from, "ckpt": ckpt}
+    return {"mode": "fresh", "replace": False}
+
+
+def open_run_folder(args, plan, history):
+    """Create or continue the folder: log.txt and metrics.jsonl hold exactly the checkpoint's epochs
+    (lines an interrupted epoch wrote are cut), args.json the resolved flags. Returns the Log."""
+    os.makedirs(args.out, exist_ok=True)
+    if plan.get("replace"):             # --resume none --overwrite
+        for name in RUN_FILES:
+            if os.path.isfile(os.path.join(args.out, name)):
+                os.remove(os.path.join(args.out, name))
+    log_path = os.path.join(args.out, "log.txt")
+    keep = plan["ckpt"].get("log_bytes", 0) if plan.get("own") else 0
+    if os.path.isfile(log_path) and os.path.getsize(log_path) > keep:
+        with open(log_path, "r+b") as f:
+            f.truncate(keep)
+    write_atomic(os.path.join(args.out, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in history))
+    record = dict(vars(args), changed_from_preset={k: list(v) for k, v in changed_flags(args).items()})
+    write_atomic(os.path.join(args.out, "args.json"), json.dumps(record, indent=1, default=str))
+    return Log(args.out)
+
+
+def write_atomic(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 class Log:
@@ -153,6 +355,10 @@ class Log:
         tqdm.write(msg)
         with open(os.path.join(self.out, "log.txt"), "a") as f:
             f.write(msg + "\n")
+
+    def size(self):
+        path = os.path.join(self.out, "log.txt")
+        return os.path.getsize(path) if os.path.isfile(path) else 0
 
     def metrics(self, record):
         with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
@@ -183,6 +389,59 @@ def load_training_set(args):
         # renders the default demo set if it is missing, or again if it is of an older format
         expected = ensure_synthetic(args.data_root, progress=True, **rendered)["train_counts"]
     return sysu_train(args.data_root, expected=None if args.allow_count_mismatch else expected)
+
+
+def check_test_set(args):
+    """The test protocol's images as ImageLists, listed now so that a missing file or split, or a query
+    set without one match in its gallery, stops the run before training rather than after it."""
+    if args.dataset == "regdb":
+        from data.regdb import regdb_test
+        settings = {d: regdb_test(args.data_root, args.trial, direction=d) for d in ("v2t", "t2v")}
+    else:
+        from data.sysu import sysu_test
+        settings = {f"{mode} trial {t}": sysu_test(args.data_root, mode=mode, trial=t)
+                    for mode in ("all", "indoor") for t in range(args.eval_trials)}
+    for name, (query, gallery) in settings.items():
+        if not np.isin(query.pids, gallery.pids).any():
+            raise ValueError(f"test set under {args.data_root} ({name}): no query identity appears in the "
+                             f"gallery, so no query can be scored; check the test split's labels")
+    lists = [images for pair in settings.values() for images in pair]
+    seen, unique = set(), []
+    for images in lists:               # one ImageList per distinct set of paths (SYSU repeats them per trial)
+        new = [i for i, p in enumerate(images.paths) if p not in seen]
+        seen.update(images.paths)
+        if new:
+            unique.append(images.subset(new))
+    return unique
+
+
+class _Decode(torch.utils.data.Dataset):
+    """Decodes image i; returns "" or the error message (a worker never raises)."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            read_image(self.paths[i])
+            return ""
+        except OSError as err:
+            return str(err)
+
+
+def check_images(lists, args):
+    """Decode every image of `lists` once, in --workers processes; ValueError naming the bad files."""
+    paths = [p for images in lists for p in images.paths]
+    t = time.time()
+    loader = DataLoader(_Decode(paths), batch_size=64, num_workers=args.workers, collate_fn=list)
+    errors = [e for batch in tqdm(loader, desc="checking images", unit="batch", file=sys.stderr) for e in batch if e]
+    if errors:
+        raise ValueError(f"{len(errors)} of {len(paths)} training and test images cannot be used: " +
+                         "; ".join(errors[:3]) + ("; ..." if len(errors) > 3 else ""))
+    tqdm.write(f"checked {len(paths)} images in {time.time() - t:.1f} s")
 
 
 def run_evaluation(model, args, trials):
@@ -474,47 +733,51 @@ def learning_rate(epoch, args):
     return args.lr * 0.1 ** sum(epoch >= s for s in args.lr_steps)
 
 
-def find_resume(args):
-    if args.resume == "none":
-        return None
-    if args.resume == "auto":
-        path = os.path.join(args.out, "last.pth")
-        return path if os.path.isfile(path) else None
-    return args.resume
-
-
 def main(args):
     args = resolve_args(args)
-    os.makedirs(args.out, exist_ok=True)
-    log = Log(args.out)
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
+    plan = plan_run(args)                          # every refusal about the run folder, nothing written yet
     if args.threads:
         torch.set_num_threads(args.threads)
-    log("arguments: " + json.dumps(vars(args)))
-    with open(os.path.join(args.out, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
-    vis, ir = load_training_set(args)
-    log(f"data: {args.dataset} at {args.data_root}: {len(vis)} vis and {len(ir)} ir training images")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        vis, ir = load_training_set(args)
+        test_paths = check_test_set(args)
+    if args.check_images:
+        check_images([vis, ir] + test_paths, args)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
     weights = args.pretrained
     if weights == "synthetic":  # the ImageNet stand-in of the CPU demo (pretrain.py)
         from pretrain import ensure_pretrained
         weights = ensure_pretrained(os.path.join(os.path.dirname(os.path.normpath(args.data_root)),
                                                  "synthetic-pretrain"), arch=args.arch, height=args.height,
                                     width=args.width, device=args.device)
-        log(f"initial weights: {weights} (supervised on a disjoint synthetic population, "
-            "one class per identity and modality)")
     model = TwoStreamNet(args.arch, weights).to(args.device)
     optimizer = make_optimizer(model, args)
     start, history, untrained = 0, [], None
-    resume = find_resume(args)
-    if resume:
-        ckpt = load_checkpoint(resume, method=args.method, dataset=args.dataset, trial=args.trial)
+    if plan["mode"] != "fresh":
+        ckpt = plan["ckpt"]
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"])
         start, history, untrained = ckpt["epoch"], ckpt["history"], ckpt.get("untrained")
-        log(f"resumed from {resume}: epochs 0..{start - 1} done, continuing at epoch {start}")
+
+    # Every check has passed: only now is the run folder written.
+    log = open_run_folder(args, plan, history)
+    log("arguments: " + json.dumps(vars(args)))
+    changed = changed_flags(args)
+    log(f"run folder {args.out}: " + ("the preset configuration" if not changed else "off the preset in " + ", ".join(
+        f"--{k.replace('_', '-')} {describe(v)}" for k, (_, v) in changed.items())))
+    for w in caught:
+        log(f"warning: {w.message}")
+    log(f"data: {args.dataset} at {args.data_root}: {len(vis)} vis and {len(ir)} ir training images")
+    if args.pretrained == "synthetic":
+        log(f"initial weights: {weights} (supervised on a disjoint synthetic population, "
+            "one class per identity and modality)")
+    if plan["mode"] == "resume":
+        log(f"resumed from {plan['path']}: epochs 0..{start - 1} done, continuing at epoch {start}")
+    elif plan["mode"] == "init":
+        log(f"initialised from {plan['path']}: stage one (epochs 0..{start - 1}) shared, stage two starts here")
     elif args.eval_untrained:
         untrained = run_evaluation(model, args, args.eval_trials)
         log("untrained model (reference for the learning curve):\n" + evaluate.format_table(untrained))
@@ -537,14 +800,19 @@ def main(args):
             record["eval"] = headline(results)
         record.update(epoch=epoch, lr=learning_rate(epoch, args), time=round(time.time() - t0, 1))
         history.append(record)
-        log.metrics(record)
         log(f"epoch {epoch} (stage {record['stage']}): " + ", ".join(
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
             if k not in ("epoch", "stage", "cross_accuracy_ot", "global", "global_plain")))
-        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                         "args": vars(args), "history": history, "untrained": untrained,
-                         "torch_rng": torch.get_rng_state(), "results": results if last else None},
-                        os.path.join(args.out, "last.pth"))
+        # The checkpoint first, then the metrics line: a crash between the two leaves a line missing,
+        # which the resume rewrites from the checkpoint's history, never one line twice.
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                 "args": vars(args), "history": history, "untrained": untrained,
+                 "torch_rng": torch.get_rng_state(), "results": results if last else None,
+                 "log_bytes": log.size()}
+        save_checkpoint(state, os.path.join(args.out, "last.pth"))
+        if epoch + 1 == args.stage_one_epochs:   # the branching point of stage-two ablations (--init-from)
+            save_checkpoint(dict(state, stage_one_end=True), os.path.join(args.out, "stage1.pth"))
+        log.metrics(record)
     if results is None:  # a finished run resumed: evaluate its final model
         results = run_evaluation(model, args, args.eval_trials)
     report(results, untrained, history, args, log)
@@ -554,13 +822,34 @@ def main(args):
 def report(results, untrained, history, args, log):
     if untrained is not None:
         log("untrained model:\n" + evaluate.format_table(untrained))
-    log(f"final model (last epoch, {args.epochs}):\n" + evaluate.format_table(results))
+    log(f"final model (last epoch, {history[-1]['epoch']}):\n" + evaluate.format_table(results))
     if args.select_on_test:
         scored = [r for r in history if "eval" in r]
         best = max(scored, key=lambda r: next(iter(r["eval"].values())))
         log(f"[model selection on the TEST set, not a valid protocol] best epoch {best['epoch']}: {best['eval']}")
-    evaluate.write_json({"final": results, "untrained": untrained}, os.path.join(args.out, "results.json"))
+    write_atomic(os.path.join(args.out, "results.json"),
+                 json.dumps({"final": results, "untrained": untrained}, indent=2))
+
+
+def cli(argv=None):
+    """main() for the command line: a problem with the input is one line on stderr and a non-zero exit
+    status, not a traceback (VIREID_TRACEBACK=1 shows the traceback)."""
+    try:
+        return main(get_args_parser().parse_args(argv))
+    except (ValueError, OSError, FloatingPointError) as err:
+        if os.environ.get("VIREID_TRACEBACK"):
+            raise
+        print(f"train.py: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except SystemExit as stop:           # a refused flag or run folder: its message, exit status 2
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+            raise SystemExit(2) from None
+        raise
+    except KeyboardInterrupt:
+        print("train.py: interrupted; the same command resumes from the last finished epoch", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    cli()

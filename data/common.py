@@ -4,12 +4,14 @@ Every reader returns `ImageList`s: one per modality (training) or one per query 
 (testing). Rows are in lexicographic order of the image path for training sets, which fixes the
 row order that clustering labels depend on (MULT spec §0).
 """
+import os
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 VIS, IR = 0, 1   # modality codes used everywhere: 0 = visible, 1 = infrared
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 @dataclass
@@ -46,12 +48,56 @@ class ImageList:
                          self.modality)
 
 
+def is_image_file(name):
+    """True for a file name a dataset folder may hold as an image: not hidden (.DS_Store, the
+    ._0001.jpg of macOS copies), with an image extension."""
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def list_images(folder, skipped):
+    """Sorted full paths of the image files in `folder` ([] if it does not exist); the full paths
+    of other files (hidden, not an image) are appended to `skipped`."""
+    if not os.path.isdir(folder):
+        return []
+    with os.scandir(folder) as it:
+        names = sorted(e.name for e in it if e.is_file())
+    skipped += [os.path.join(folder, n) for n in names if not is_image_file(n)]
+    return [os.path.join(folder, n) for n in names if is_image_file(n)]
+
+
+def describe_skipped(skipped, root):
+    """One sentence about the files a reader left out, naming the first few."""
+    names = ", ".join(os.path.relpath(p, root) for p in skipped[:5])
+    return (f"skipped {len(skipped)} hidden or non-image file{'s' * (len(skipped) > 1)} under "
+            f"{root}: {names}{', ...' if len(skipped) > 5 else ''}")
+
+
 def read_image(path):
-    """Decode `path` as a 3-channel RGB PIL image; a missing or corrupt file names itself."""
+    """Decode `path` as an 8-bit, 3-channel RGB PIL image; a missing or undecodable file names itself.
+
+    16-bit images (PIL modes I;16*, or I with values in 0..65535) are scaled to 8 bits (v / 257,
+    rounded); PIL's own convert("RGB") would clip them to white. Palette, grey and alpha images
+    convert as PIL converts them. Float images are refused.
+    """
     try:
         with Image.open(path) as img:
+            img.load()
+            if img.mode.startswith("I"):
+                return _sixteen_bit_to_rgb(img, path)
+            if img.mode == "F":
+                raise ValueError(f"floating-point pixels (mode F)")
             return img.convert("RGB")
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise OSError(f"cannot decode image {path}: {err} (expected a readable JPEG/PNG)") from None
+        raise OSError(f"cannot decode image {path}: {err} (expected an 8- or 16-bit JPEG/PNG/BMP)") from None
+
+
+def _sixteen_bit_to_rgb(img, path):
+    """A single-channel integer image with values in 0..65535 -> 8-bit RGB, v / 257 rounded."""
+    values = np.asarray(img, dtype=np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise ValueError(f"integer pixels outside 0..65535 (mode {img.mode}, "
+                         f"{values.min()}..{values.max()})")
+    grey = ((values * 255 + 32767) // 65535).astype(np.uint8)        # round(v / 257)
+    return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB")

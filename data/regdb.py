@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from data.common import IR, VIS, ImageList
+from .common import IR, VIS, ImageList
 
 REGDB_TRIALS = range(1, 11)
 VIS_CAMID, IR_CAMID = 1, 2
@@ -34,7 +34,7 @@ def _check_trial(trial):
     return int(trial)
 
 
-def _read_index(root, name):
+def _read_index(root, name, check_files=True):
     """Parse idx/{name}: (absolute paths [N], int64 labels [N]) in file order."""
     root = os.path.abspath(os.fspath(root))
     if not os.path.isdir(root):
@@ -42,7 +42,7 @@ def _read_index(root, name):
     path = os.path.join(root, "idx", name)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"RegDB index file not found: {path}")
-    paths, labels = [], []
+    paths, labels, line_of = [], [], {}
     with open(path) as f:
         for lineno, line in enumerate(f, start=1):
             line = line.rstrip("\r\n")
@@ -56,11 +56,15 @@ def _read_index(root, name):
             except ValueError:
                 raise ValueError(f"{path}:{lineno}: expected '<relative path> <integer label>' "
                                  f"separated by one space, got {line[:120]!r}") from None
+            if parts[0] in line_of:
+                raise ValueError(f"{path}:{lineno}: {parts[0]} is listed twice (first on line "
+                                 f"{line_of[parts[0]]}); expected each image once")
+            line_of[parts[0]] = lineno
             paths.append(os.path.join(root, parts[0]))
             labels.append(label)
     if not paths:
         raise ValueError(f"RegDB index file {path} lists no image")
-    missing = [p for p in paths if not os.path.isfile(p)]
+    missing = [p for p in paths if check_files and not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(f"RegDB image not found: {missing[0]} (listed in {path}; "
                                 f"{len(missing)} of {len(paths)} listed images are missing)")
@@ -76,6 +80,16 @@ def _image_list(paths, labels, modality, sort):
     return images
 
 
+def _check_disjoint(root, train_name, test_name):
+    """Refuse a split whose test index lists a training image (e.g. the same file twice)."""
+    train, test = _read_index(root, train_name)[0], _read_index(root, test_name, check_files=False)[0]
+    shared = sorted(set(train) & set(test))
+    if shared:
+        raise ValueError(f"RegDB: {len(shared)} of the {len(test)} images of idx/{test_name} are "
+                         f"also in idx/{train_name} (e.g. {os.path.relpath(shared[0], root)}); the "
+                         f"training and test splits must be disjoint")
+
+
 def regdb_train(root, trial):
     """The training split of one RegDB trial (mult.md §1.2).
 
@@ -85,6 +99,8 @@ def regdb_train(root, trial):
     order of the path; pids = the index label, camids 1 (visible) and 2 (thermal).
     """
     trial = _check_trial(trial)
+    for name in ("visible", "thermal"):
+        _check_disjoint(root, f"train_{name}_{trial}.txt", f"test_{name}_{trial}.txt")
     vis = _image_list(*_read_index(root, f"train_visible_{trial}.txt"), VIS, sort=True)
     ir = _image_list(*_read_index(root, f"train_thermal_{trial}.txt"), IR, sort=True)
     return vis, ir

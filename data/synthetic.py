@@ -313,17 +313,23 @@ def render_image(ident, camera, view, rng, height, width):
 
 # ------------------------------------------------------------------ writers
 def _into_fresh_dir(out, write):
-    """Run write(tmp) in a sibling temp folder, then swap it in for `out` (only if ours)."""
+    """Run write(tmp) in a sibling temp folder, then swap it in for `out`.
+
+    An existing `out` is replaced only when it holds nothing but a set rendered here: its
+    synthetic.json lists every file it wrote ("files"), and no other file may be there. Anything
+    else (a real dataset, a run folder, a file a user added, a set of a version that kept no list)
+    is refused with the reason, and nothing is touched.
+    """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"out={out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not (out / META).is_file():
-        raise FileExistsError(f"out={out} is a non-empty folder without {META}; refusing to "
-                              "replace what may be a real dataset (give an empty or new folder)")
+    if out.exists() and any(out.iterdir()):
+        _check_only_ours(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         meta = write(tmp)
+        meta["files"] = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")  # last
         tmp.chmod(0o755)
         if out.exists():
@@ -333,6 +339,26 @@ def _into_fresh_dir(out, write):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
+
+
+def _check_only_ours(out):
+    """FileExistsError unless every file under `out` is one that its synthetic.json lists."""
+    try:
+        listed = json.loads((out / META).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    if not isinstance(listed, list):
+        why = (f"it has no {META}" if not (out / META).is_file() else
+               f"its {META} lists no files (written by an older version, or not by this generator)")
+        raise FileExistsError(f"out={out} is a non-empty folder and {why}; refusing to replace what "
+                              f"may be a real dataset or your files. Give an empty or new folder, or "
+                              f"delete this one yourself.")
+    extra = sorted(str(p.relative_to(out)) for p in out.rglob("*")
+                   if p.is_file() and p.name != META and str(p.relative_to(out)) not in set(listed))
+    if extra:
+        raise FileExistsError(f"out={out} holds {len(extra)} file(s) this generator did not write "
+                              f"(e.g. {', '.join(extra[:3])}); refusing to re-render over them. Move "
+                              f"them away, or give an empty or new folder.")
 
 
 def _save(path, image):
@@ -491,11 +517,21 @@ def main(argv=None):
     if args.regdb and args.images_per_cam is not None:
         parser.error("--images-per-cam applies to the SYSU layout only (RegDB: 10 per id)")
     start = time.perf_counter()
-    if args.regdb:
-        meta = render_regdb(args.out, args.ids, args.height, args.width, args.seed, True)
-    else:
-        meta = render_sysu(args.out, args.ids, args.images_per_cam or 6, args.height,
-                           args.width, args.seed, True)
+    flags = {"num_ids": "--ids", "images_per_cam": "--images-per-cam", "height": "--height",
+             "width": "--width", "seed": "--seed"}
+    try:
+        if args.regdb:
+            meta = render_regdb(args.out, args.ids, args.height, args.width, args.seed, True)
+        else:
+            per_cam = 6 if args.images_per_cam is None else args.images_per_cam
+            meta = render_sysu(args.out, args.ids, per_cam, args.height, args.width, args.seed, True)
+    except (ValueError, TypeError) as err:
+        message = str(err)
+        for name, flag in flags.items():
+            message = message.replace(name, flag)
+        parser.error(message)
+    except OSError as err:
+        parser.error(str(err))
     tr, te = meta["train_counts"], meta["test_counts"]
     size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
     print(f"wrote {meta['layout']} layout to {args.out}: {meta['args']}\n"

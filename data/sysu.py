@@ -6,7 +6,7 @@ MBMIL (Wang et al., AAAI 2026; spec mbmil.md §A.4), both taken from the AGW eva
 
 Layout under `root` (the folder that holds `cam1..cam6/` and `exp/`):
     cam{c}/{pid:04d}/{file}.jpg     visible cams 1, 2, 4, 5; infrared cams 3, 6
-    exp/train_id.txt, exp/val_id.txt, exp/test_id.txt   first line: comma-separated ids
+    exp/train_id.txt, exp/val_id.txt, exp/test_id.txt   comma-separated ids (one line, or one per line)
 Some (id, camera) folders do not exist in the real data; they are skipped.
 
 Training ids are train_id ∪ val_id (296 + 99 = 395 ids, 22,258 visible and 11,909 infrared
@@ -23,7 +23,7 @@ import random
 
 import numpy as np
 
-from data.common import IR, VIS, ImageList
+from .common import IR, VIS, ImageList, describe_skipped, list_images
 
 SYSU_TRAIN_COUNTS = {"ids": 395, "vis": 22258, "ir": 11909}
 VIS_CAMS = (1, 2, 4, 5)
@@ -46,41 +46,50 @@ def _check_root(root, cams):
 
 
 def _read_ids(root, name):
-    """The ids on the first line of exp/{name}, comma-separated integers."""
+    """The ids of exp/{name}: comma-separated integers on one line (the release's form) or on
+    several lines, one id per line included. A token that is not an integer, or an id listed
+    twice, is refused with its line number."""
     path = os.path.join(root, "exp", name)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"SYSU-MM01 split file not found: {path}")
+    ids, line_of = [], {}
     with open(path) as f:
-        line = f.readline().strip()
-    try:
-        ids = [int(tok) for tok in line.split(",") if tok.strip()]
-    except ValueError:
-        raise ValueError(f"{path}:1: expected comma-separated integer ids, "
-                         f"got {line[:80]!r}") from None
+        for lineno, line in enumerate(f, start=1):
+            for tok in line.replace(",", " ").split():
+                if not tok.isdigit():
+                    raise ValueError(f"{path}:{lineno}: expected integer ids separated by commas "
+                                     f"(or one per line), got {tok[:40]!r} in {line.strip()[:80]!r}")
+                pid = int(tok)
+                if pid in line_of:
+                    raise ValueError(f"{path}:{lineno}: id {pid} is listed twice (first on line "
+                                     f"{line_of[pid]}); expected each id once")
+                line_of[pid] = lineno
+                ids.append(pid)
     if not ids:
         raise ValueError(f"{path}:1: expected comma-separated integer ids, found none")
     return ids
 
 
-def _files(root, cam, pid):
-    """Sorted full paths of the files in cam{cam}/{pid:04d}/; [] if there is no such folder."""
-    folder = os.path.join(root, f"cam{cam}", f"{pid:04d}")
-    if not os.path.isdir(folder):
-        return []
-    with os.scandir(folder) as it:
-        names = sorted(e.name for e in it if e.is_file())
-    return [os.path.join(folder, n) for n in names]
+def _files(root, cam, pid, skipped):
+    """Sorted full paths of the images in cam{cam}/{pid:04d}/; [] if there is no such folder.
+    Hidden and non-image files are left out and appended to `skipped`."""
+    return list_images(os.path.join(root, f"cam{cam}", f"{pid:04d}"), skipped)
 
 
-def _collect(root, pids, cams, modality):
-    """ImageList of every file of cams x pids, id-major then camera then sorted file name."""
-    paths, pid_col, cam_col = [], [], []
+def _collect(root, pids, cams, modality, skipped=None):
+    """ImageList of every image of cams x pids, id-major then camera then sorted file name;
+    files that are not images go to `skipped` (a list), or a warning when it is None."""
+    paths, pid_col, cam_col, left_out = [], [], [], []
     for pid in pids:
         for cam in cams:
-            files = _files(root, cam, pid)
+            files = _files(root, cam, pid, left_out)
             paths += files
             pid_col += [pid] * len(files)
             cam_col += [cam] * len(files)
+    if skipped is not None:
+        skipped += left_out
+    elif left_out:
+        warnings.warn("SYSU-MM01: " + describe_skipped(left_out, root))
     return ImageList(paths, np.array(pid_col, dtype=np.int64), np.array(cam_col, dtype=np.int64),
                      modality)
 
@@ -106,8 +115,18 @@ def sysu_train(root, expected=SYSU_TRAIN_COUNTS):
                              f"'ids', 'vis', 'ir', got {expected!r}")
     root = _check_root(root, sorted(VIS_CAMS + IR_CAMS))
     pids = sorted(set(_read_ids(root, "train_id.txt")) | set(_read_ids(root, "val_id.txt")))
-    vis = _sorted_by_path(_collect(root, pids, VIS_CAMS, VIS))
-    ir = _sorted_by_path(_collect(root, pids, IR_CAMS, IR))
+    test_path = os.path.join(root, "exp", "test_id.txt")
+    if os.path.isfile(test_path):
+        shared = sorted(set(pids) & set(_read_ids(root, "test_id.txt")))
+        if shared:
+            raise ValueError(f"{test_path}: {len(shared)} test ids are also training ids (in "
+                             f"exp/train_id.txt or exp/val_id.txt), e.g. {shared[:5]}; the splits "
+                             f"must be disjoint")
+    skipped = []
+    vis = _sorted_by_path(_collect(root, pids, VIS_CAMS, VIS, skipped))
+    ir = _sorted_by_path(_collect(root, pids, IR_CAMS, IR, skipped))
+    if skipped:
+        warnings.warn("SYSU-MM01 training set: " + describe_skipped(skipped, root))
 
     missing = [(name, pid) for name, images in (("visible", vis), ("infrared", ir))
                for pid in sorted(set(pids) - set(images.pids.tolist()))]
@@ -118,6 +137,8 @@ def sysu_train(root, expected=SYSU_TRAIN_COUNTS):
         if missing:
             extra = (f"\n{len(missing)} (modality, training id) pairs have no image at all, e.g. "
                      + ", ".join(f"{name} id {pid}" for name, pid in missing[:5]) + ".")
+        if skipped:
+            extra += f"\nNot counted: {describe_skipped(skipped, root)}."
         raise ValueError(
             f"SYSU-MM01 training set under {root} does not have the expected counts:\n"
             f"{lines}{extra}\n"

@@ -47,7 +47,7 @@ def sysu_root(tmp_path_factory):
     os.makedirs(os.path.join(root, "exp"))
     for name, ids in (("train_id", TRAIN_IDS), ("val_id", VAL_IDS), ("test_id", TEST_IDS)):
         with open(os.path.join(root, "exp", f"{name}.txt"), "w") as f:
-            f.write(",".join(map(str, ids)) + "\nthis second line is ignored\n")
+            f.write(",".join(map(str, ids)) + "\n")
     return root
 
 

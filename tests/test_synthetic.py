@@ -207,8 +207,11 @@ def test_ensure_synthetic_renders_only_when_arguments_change(tmp_path):
     (out / "sentinel").write_text("kept if not re-rendered")
     assert S.ensure_synthetic(out, seed=0, **args) == first         # defaults filled in
     assert (out / "sentinel").exists() and (out / S.META).stat().st_mtime_ns == stamp
+    with pytest.raises(FileExistsError, match="sentinel"):       # a file it did not write: refused
+        S.ensure_synthetic(out, **{**args, "images_per_cam": 2})
+    assert (out / "sentinel").read_text() == "kept if not re-rendered"
+    (out / "sentinel").unlink()
     changed = S.ensure_synthetic(out, **{**args, "images_per_cam": 2})
-    assert not (out / "sentinel").exists()
     assert changed["args"]["images_per_cam"] == 2 and changed["train_counts"]["vis"] > 0
     regdb = S.ensure_synthetic(out, layout="regdb", num_ids=4, height=16, width=8)
     assert regdb["layout"] == "regdb" and (out / "idx").is_dir() and not (out / "cam1").exists()
@@ -231,6 +234,36 @@ def test_bad_input_gives_clear_errors(tmp_path):
     assert (real / "keep.txt").read_text() == "a real dataset"
     with pytest.raises(SystemExit):
         S.main(["--out", str(tmp_path / "b"), "--regdb", "--images-per-cam", "3"])
+
+
+@pytest.mark.parametrize("flags, named", [(["--images-per-cam", "0"], "--images-per-cam"),
+                                          (["--ids", "1"], "--ids"), (["--height", "4"], "--height")])
+def test_cli_refuses_bad_sizes_by_flag(tmp_path, capsys, flags, named):
+    with pytest.raises(SystemExit) as exit:
+        S.main(["--out", str(tmp_path / "c"), *flags])
+    assert exit.value.code == 2 and named in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+def test_rerender_only_over_a_set_it_wrote(tmp_path):
+    """A folder is replaced only if every file in it is listed in its synthetic.json."""
+    out = tmp_path / "syn"
+    S.render_sysu(out, num_ids=4, images_per_cam=1, height=16, width=8)
+    meta = json.loads((out / S.META).read_text())
+    on_disk = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != S.META)
+    assert meta["files"] == on_disk
+    (out / "cam1" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        S.render_sysu(out, num_ids=4, images_per_cam=2, height=16, width=8)
+    assert (out / "cam1" / "notes.txt").read_text() == "mine"
+    assert json.loads((out / S.META).read_text()) == meta                       # nothing re-rendered
+    old = dict(meta)
+    del old["files"]                                                             # a set of an older version
+    (out / "cam1" / "notes.txt").unlink()
+    (out / S.META).write_text(json.dumps(old))
+    with pytest.raises(FileExistsError, match="lists no files"):
+        S.render_sysu(out, num_ids=4, images_per_cam=2, height=16, width=8)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != S.META) == on_disk
 
 
 def test_cli_writes_and_reports(tmp_path, capsys):

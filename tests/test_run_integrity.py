@@ -1,0 +1,427 @@
+"""Run integrity: every number a run prints is that run's; bad input fails before training; nothing is lost.
+
+Each test reproduces one way a researcher's workflow (a main run, ablations, seeds, resumes) could give a
+silent wrong result or lose work, on a tiny synthetic set, and asserts the exit status, that the message
+names the flag or file, and that nothing was written or lost (file lists and checksums before and after).
+"""
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import model as model_module
+import train
+from data.synthetic import render_sysu
+
+TINY = ["--arch", "resnet18", "--pretrained", "none", "--height", "32", "--width", "16", "--k1", "6", "--k2", "2",
+        "--clusters", "2", "--instances", "2", "--iters", "2", "--eval-trials", "1", "--extract-batch", "64",
+        "--eval-every", "100", "--no-eval-untrained", "--workers", "0", "--eps", "0.6"]
+TWO = ["--epochs", "2", "--stage-one-epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("synthetic"))
+    render_sysu(root, num_ids=10, images_per_cam=2, height=32, width=16, seed=0)
+    return root
+
+
+def cli(*argv):
+    """train.py as the command line runs it: (exit status, results or None)."""
+    try:
+        return 0, train.cli(list(argv))
+    except SystemExit as exit:
+        return exit.code if isinstance(exit.code, int) else 1, None
+
+
+def snapshot(folder):
+    """{relative path: sha1} of every file under `folder` ({} if it does not exist)."""
+    out = {}
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = hashlib.sha1(f.read()).hexdigest()
+    return out
+
+
+def refused(capsys, folder, *argv, names):
+    """Run argv, expect a non-zero exit with a message naming each of `names`, and `folder` unchanged."""
+    before = snapshot(folder)
+    status, _ = cli(*argv)
+    err = capsys.readouterr().err
+    assert status != 0, argv
+    for name in names:
+        assert name in err, (name, err)
+    assert snapshot(folder) == before
+    return err
+
+
+def epochs_in(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line)["epoch"] for line in f]
+
+
+def weights(out, name="last.pth"):
+    return torch.load(os.path.join(out, name), weights_only=False)["model"]
+
+
+def same_weights(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- 1. a folder per configuration
+
+def test_readme_ablation_commands_each_train_their_own_model(tiny_root, tmp_path, monkeypatch, capsys):
+    """The README's main command, then --association ot, then --seed 2, all with the default --out."""
+    monkeypatch.chdir(tmp_path)
+    base = ["--data-root", tiny_root, *TINY, *TWO]
+    for extra in ([], ["--association", "ot"], ["--seed", "2"]):
+        assert cli(*base, *extra)[0] == 0
+    capsys.readouterr()
+    folders = sorted(os.listdir("runs"))
+    assert len(folders) == 3
+    saved = {f: json.load(open(os.path.join("runs", f, "args.json"))) for f in folders}
+    assert sorted((a["association"], a["seed"]) for a in saved.values()) == [("mult", 1), ("mult", 2), ("ot", 1)]
+    models = [weights(os.path.join("runs", f)) for f in folders]
+    assert not same_weights(models[0], models[1]) and not same_weights(models[0], models[2]) \
+        and not same_weights(models[1], models[2])
+    for f in folders:   # each results.json is the evaluation of that folder's own model
+        results = json.load(open(os.path.join("runs", f, "results.json")))["final"]
+        assert results["all"]["mean"]["mAP"] == torch.load(os.path.join("runs", f, "last.pth"),
+                                                           weights_only=False)["results"]["all"]["mean"]["mAP"]
+    # the tags say what differs from the preset
+    assert any("association-ot" in f for f in folders) or all("cfg-" in f for f in folders)
+    # the same command again resumes its own folder (finished: it only reports)
+    before = snapshot("runs")
+    assert cli(*base, "--association", "ot")[0] == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert sorted(os.listdir("runs")) == folders
+    assert {k: v for k, v in snapshot("runs").items() if k.endswith(".pth")} == \
+        {k: v for k, v in before.items() if k.endswith(".pth")}
+
+
+def test_default_out_names_the_flags_off_the_preset():
+    parse = lambda *a: train.resolve_args(train.get_args_parser().parse_args(list(a)))
+    assert parse().out == os.path.join("runs", "mult_synthetic")
+    assert parse("--dataset", "regdb", "--trial", "3").out == os.path.join("runs", "mult_regdb_trial3")
+    assert parse("--association", "ot").out == os.path.join("runs", "mult_synthetic_association-ot")
+    assert parse("--seed", "2", "--no-oclr").out == os.path.join("runs", "mult_synthetic_oclr-False".replace(
+        "oclr-False", "no-oclr_seed-2"))
+    assert parse("--lr", "0.001").out == os.path.join("runs", "mult_synthetic_lr-0.001")
+    assert parse("--workers", "3", "--device", "cpu", "--eval-every", "5").out == os.path.join("runs", "mult_synthetic")
+    root = parse("--data-root", "/some/where/else").out
+    assert root.startswith(os.path.join("runs", "mult_synthetic_data-root-")) and "/some" not in root
+
+
+@pytest.mark.parametrize("flag, value, shown", [("--data-root", None, "--data-root"), ("--height", "48", "--height 32"),
+                                                ("--lr", "0.001", "--lr"), ("--arch", "resnet50", "--arch resnet18")])
+def test_resume_refuses_changed_settings(tiny_root, tmp_path, capsys, flag, value, shown):
+    out = str(tmp_path / "run")
+    assert cli("--data-root", tiny_root, "--out", out, *TINY, *TWO)[0] == 0
+    capsys.readouterr()
+    if value is None:       # another data root with the same images
+        value = str(tmp_path / "copy")
+        shutil.copytree(tiny_root, value)
+    argv = ["--data-root", tiny_root, "--out", out, *TINY, *TWO, flag, value]
+    if flag == "--data-root":
+        argv = ["--out", out, *TINY, *TWO, flag, value]
+    err = refused(capsys, out, *argv, names=[shown, "(saved)", "(now)"])
+    assert "Traceback" not in err
+
+
+def test_resume_refuses_fewer_epochs_than_done(tiny_root, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert cli("--data-root", tiny_root, "--out", out, *TINY, *TWO)[0] == 0
+    capsys.readouterr()
+    refused(capsys, out, "--data-root", tiny_root, "--out", out, *TINY, "--epochs", "1", "--stage-one-epochs", "1",
+            names=["--epochs 1", "2 epochs done"])
+
+
+# --------------------------------------------------------------------------- 2. branching from stage one
+
+def test_init_from_stage_one_equals_the_uninterrupted_ablation(tiny_root, tmp_path, capsys):
+    common = ["--data-root", tiny_root, *TINY, "--epochs", "3", "--stage-one-epochs", "1"]
+    main, ot, branch = (str(tmp_path / n) for n in ("main", "ot", "branch"))
+    assert cli(*common, "--out", main)[0] == 0
+    assert cli(*common, "--out", ot, "--association", "ot", "--no-oclr")[0] == 0
+    stage1 = os.path.join(main, "stage1.pth")
+    assert torch.load(stage1, weights_only=False)["epoch"] == 1
+    assert cli(*common, "--out", branch, "--association", "ot", "--no-oclr", "--init-from", stage1)[0] == 0
+    assert "initialised from" in capsys.readouterr().out
+    assert same_weights(weights(ot), weights(branch))
+    assert epochs_in(branch) == [0, 1, 2]
+    with open(os.path.join(ot, "metrics.jsonl")) as a, open(os.path.join(branch, "metrics.jsonl")) as b:
+        strip = lambda r: {k: v for k, v in json.loads(r).items() if k != "time"}
+        assert [strip(r) for r in a] == [strip(r) for r in b]
+
+
+def test_init_from_refuses_another_stage_one(tiny_root, tmp_path, capsys):
+    common = ["--data-root", tiny_root, *TINY, "--epochs", "2", "--stage-one-epochs", "1"]
+    main = str(tmp_path / "main")
+    assert cli(*common, "--out", main)[0] == 0
+    capsys.readouterr()
+    stage1 = os.path.join(main, "stage1.pth")
+    refused(capsys, str(tmp_path), *common, "--out", str(tmp_path / "b"), "--lr", "0.001", "--init-from", stage1,
+            names=["--lr", "(saved)"])
+    refused(capsys, str(tmp_path), *common, "--out", str(tmp_path / "c"), "--k1", "8", "--init-from", stage1,
+            names=["--k1 6 (saved) vs 8 (now)"])
+    refused(capsys, str(tmp_path), "--data-root", tiny_root, *TINY, "--epochs", "3", "--stage-one-epochs", "2",
+            "--out", str(tmp_path / "d"), "--init-from", stage1, names=["--init-from", "end of stage one"])
+
+
+# --------------------------------------------------------------------------- 3. validated before the first epoch
+
+@pytest.mark.parametrize("argv, named", [
+    (["--iters", "2,0"], "--iters"), (["--iters", "a"], "--iters"), (["--eval-every", "0"], "--eval-every"),
+    (["--eval-trials", "0"], "--eval-trials"), (["--height", "4"], "--height"), (["--width", "2"], "--width"),
+    (["--epochs", "0"], "--epochs"), (["--stage-one-epochs", "5"], "--stage-one-epochs"),
+    (["--clusters", "0"], "--clusters"), (["--beta", "1.5"], "--beta"), (["--eps", "0"], "--eps"),
+    (["--seed", "-1"], "--seed"), (["--lr-steps", "x"], "--lr-steps"), (["--dataset", "regdb", "--trial", "11"], "--trial"),
+    (["--resume", "nowhere.pth"], "--resume"), (["--init-from", "nowhere.pth"], "--init-from"),
+    (["--overwrite"], "--overwrite"), (["--method", "mbmil", "--k1", "7"], "--k1")])
+def test_bad_flags_refused_before_anything_is_written(tiny_root, tmp_path, capsys, argv, named):
+    out = tmp_path / "run"
+    refused(capsys, str(tmp_path), "--data-root", tiny_root, "--out", str(out), *TINY, *TWO, *argv, names=[named])
+    assert not out.exists()
+
+
+def corrupt(root, rel):
+    with open(os.path.join(root, rel), "wb") as f:
+        f.write(b"not a jpeg")
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda r: corrupt(r, first(r, "cam3", test=True)), "cannot decode image"),
+    (lambda r: os.remove(os.path.join(r, "exp", "test_id.txt")), "test_id.txt"),
+    (lambda r: corrupt(r, first(r, "cam1", test=False)), "cannot decode image"),
+    (lambda r: open(os.path.join(r, "exp", "test_id.txt"), "w").write(
+        open(os.path.join(r, "exp", "test_id.txt")).read().strip() + "," + first_train_id(r) + "\n"), "disjoint"),
+])
+def test_bad_test_or_training_data_refused_before_training(tiny_root, tmp_path, capsys, damage, named):
+    root = str(tmp_path / "data")
+    shutil.copytree(tiny_root, root)
+    damage(root)
+    out = tmp_path / "run"
+    refused(capsys, root, "--data-root", root, "--out", str(out), *TINY, *TWO, names=[named])
+    assert not out.exists()
+
+
+def split_ids(root, name):
+    return [int(x) for x in open(os.path.join(root, "exp", f"{name}_id.txt")).read().replace(",", " ").split()]
+
+
+def first_train_id(root):
+    return str(split_ids(root, "train")[0])
+
+
+def first(root, cam, test):
+    ids = split_ids(root, "test") if test else split_ids(root, "train")
+    for pid in ids:
+        folder = os.path.join(root, cam, f"{pid:04d}")
+        if os.path.isdir(folder):
+            return os.path.relpath(os.path.join(folder, sorted(os.listdir(folder))[0]), root)
+    raise AssertionError("no such image")
+
+
+def test_test_labels_that_match_nothing_are_refused(tmp_path, capsys):
+    from data.synthetic import render_regdb
+    root = tmp_path / "regdb"
+    render_regdb(root, num_ids=6, height=32, width=16, seed=0)
+    path = root / "idx" / "test_thermal_1.txt"
+    lines = [line.rsplit(" ", 1) for line in path.read_text().splitlines()]
+    path.write_text("".join(f"{p} {int(label) + 1000}\n" for p, label in lines))    # no visible test label
+    refused(capsys, str(tmp_path), "--dataset", "regdb", "--data-root", str(root), "--out", str(tmp_path / "run"),
+            *TINY, *TWO, "--k1", "2", "--k2", "1", names=["no query identity appears in the gallery"])
+
+
+# --------------------------------------------------------------------------- 4. nothing deleted or overwritten unasked
+
+def test_resume_none_refuses_a_finished_run_unless_overwrite(tiny_root, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert cli("--data-root", tiny_root, "--out", out, *TINY, *TWO)[0] == 0
+    capsys.readouterr()
+    refused(capsys, out, "--data-root", tiny_root, "--out", out, *TINY, *TWO, "--resume", "none",
+            names=["--overwrite", "last.pth"])
+    assert cli("--data-root", tiny_root, "--out", out, *TINY, *TWO, "--resume", "none", "--overwrite")[0] == 0
+    assert epochs_in(out) == [0, 1]                          # one run in metrics.jsonl, not two
+    assert open(os.path.join(out, "log.txt")).read().count("epoch 0 (stage") == 1
+
+
+def test_a_refused_resume_leaves_args_json_alone(tiny_root, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert cli("--data-root", tiny_root, "--out", out, *TINY, *TWO)[0] == 0
+    capsys.readouterr()
+    refused(capsys, out, "--data-root", tiny_root, "--out", out, *TINY, *TWO, "--seed", "5", names=["--seed 1"])
+
+
+def test_a_kill_between_checkpoint_and_metrics_leaves_no_epoch_twice(tiny_root, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    real = train.Log.metrics
+
+    def killed(self, record):          # the process dies after last.pth of epoch 0 is written
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train.Log, "metrics", killed)
+    assert cli("--data-root", tiny_root, "--out", out, *TINY, *TWO)[0] == 130
+    assert torch.load(os.path.join(out, "last.pth"), weights_only=False)["epoch"] == 1
+    monkeypatch.setattr(train.Log, "metrics", real)
+    assert cli("--data-root", tiny_root, "--out", out, *TINY, *TWO)[0] == 0
+    assert epochs_in(out) == [0, 1]
+    log = open(os.path.join(out, "log.txt")).read()
+    assert log.count("epoch 0 (stage") == 1 and log.count("epoch 1 (stage") == 1
+
+
+def test_a_kill_inside_an_epoch_cuts_its_log_lines(tiny_root, tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    real = train.mult_epoch
+
+    def dies_in_epoch_one(model, optimizer, vis, ir, epoch, args, log):
+        if epoch == 1:
+            log("epoch 1 (stage 2): half-written")
+            raise KeyboardInterrupt
+        return real(model, optimizer, vis, ir, epoch, args, log)
+    monkeypatch.setattr(train, "mult_epoch", dies_in_epoch_one)
+    assert cli("--data-root", tiny_root, "--out", out, *TINY, *TWO)[0] == 130
+    monkeypatch.setattr(train, "mult_epoch", real)
+    assert cli("--data-root", tiny_root, "--out", out, *TINY, *TWO)[0] == 0
+    log = open(os.path.join(out, "log.txt")).read()
+    assert "half-written" not in log and log.count("epoch 1 (stage") == 1 and epochs_in(out) == [0, 1]
+
+
+def test_a_failed_checkpoint_write_removes_its_temporary_file(tmp_path, monkeypatch):
+    def full_disk(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"x" * 1000)
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
+    monkeypatch.setattr(model_module.torch, "save", full_disk)
+    path = tmp_path / "last.pth"
+    path.write_bytes(b"previous")
+    with pytest.raises(OSError, match=str(tmp_path)) as err:
+        model_module.save_checkpoint({"epoch": 1}, str(path))
+    assert "full" in str(err.value) and "inline_container" in str(err.value)
+    assert sorted(os.listdir(tmp_path)) == ["last.pth"] and path.read_bytes() == b"previous"
+
+
+def test_train_never_rerenders_over_files_it_did_not_write(tmp_path, capsys):
+    from data import synthetic
+    root = tmp_path / "syn"
+    render_sysu(root, num_ids=6, images_per_cam=1, height=16, width=8, seed=4)
+    meta = json.loads((root / synthetic.META).read_text())
+    (root / synthetic.META).write_text(json.dumps(dict(meta, version=synthetic.FORMAT_VERSION - 1)))
+    (root / "my_notes.txt").write_text("keep me")
+    refused(capsys, str(tmp_path), "--data-root", str(root), "--out", str(tmp_path / "run"), *TINY, *TWO,
+            names=["my_notes.txt"])
+
+
+# --------------------------------------------------------------------------- 5. bad data
+
+def test_sysu_id_files_in_either_form(tiny_root, tmp_path):
+    from data.sysu import sysu_train
+    root = str(tmp_path / "data")
+    shutil.copytree(tiny_root, root)
+    one_line = sysu_train(root, expected=None)
+    for name in ("train", "val", "test"):
+        ids = split_ids(root, name)
+        open(os.path.join(root, "exp", f"{name}_id.txt"), "w").write("\n".join(map(str, ids)) + "\n")
+    per_line = sysu_train(root, expected=None)
+    assert per_line[0].paths == one_line[0].paths and per_line[1].paths == one_line[1].paths
+    open(os.path.join(root, "exp", "val_id.txt"), "a").write("12\nx13\n")
+    with pytest.raises(ValueError, match=r"val_id.txt:\d+: .*'x13'"):
+        sysu_train(root, expected=None)
+    ids = split_ids(root, "train")
+    open(os.path.join(root, "exp", "train_id.txt"), "w").write(f"{ids[0]},{ids[0]}\n")
+    with pytest.raises(ValueError, match="listed twice"):
+        sysu_train(root, expected=None)
+
+
+def test_hidden_and_non_image_files_are_skipped_and_named(tiny_root, tmp_path):
+    from data.sysu import sysu_train
+    root = str(tmp_path / "data")
+    shutil.copytree(tiny_root, root)
+    clean = sysu_train(root, expected=None)
+    folder = os.path.dirname(os.path.join(root, first(root, "cam1", test=False)))
+    for name in (".DS_Store", "._0001.jpg", "notes.txt"):
+        open(os.path.join(folder, name), "w").write("junk")
+    with pytest.warns(UserWarning, match=r"skipped 3 hidden or non-image files.*\.DS_Store"):
+        vis, ir = sysu_train(root, expected=None)
+    assert vis.paths == clean[0].paths and ir.paths == clean[1].paths
+
+
+def test_regdb_duplicated_lines_and_train_test_overlap(tmp_path):
+    from data.regdb import regdb_train
+    from data.synthetic import render_regdb
+    root = tmp_path / "regdb"
+    render_regdb(root, num_ids=4, height=16, width=8, seed=0)
+    idx = root / "idx"
+    train_v = (idx / "train_visible_1.txt").read_text()
+    (idx / "train_visible_1.txt").write_text(train_v + train_v.splitlines()[0] + "\n")
+    with pytest.raises(ValueError, match=r"train_visible_1.txt:\d+: .* listed twice"):
+        regdb_train(root, 1)
+    (idx / "train_visible_1.txt").write_text(train_v)
+    (idx / "test_visible_1.txt").write_text(train_v)           # train idx = test idx
+    with pytest.raises(ValueError, match="disjoint"):
+        regdb_train(root, 1)
+
+
+def test_sixteen_bit_and_palette_images_decode_to_8_bit(tmp_path):
+    from data.common import read_image
+    values = (np.arange(32 * 16, dtype=np.int64).reshape(32, 16) * 128).astype(np.uint16)  # 0..65408
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    got = np.asarray(read_image(tmp_path / "deep.png"))
+    want = np.floor(values / 257.0 + 0.5).astype(np.uint8)          # round(v / 257), the 16 -> 8 bit map
+    assert got.dtype == np.uint8 and (got == want[..., None]).all() and (got < 255).mean() > 0.99   # not white
+    rgb = np.random.default_rng(0).integers(0, 255, (32, 16, 3), dtype=np.uint8)
+    Image.fromarray(rgb).quantize(16).save(tmp_path / "palette.png")
+    palette = Image.open(tmp_path / "palette.png")
+    assert palette.mode == "P"
+    assert (np.asarray(read_image(tmp_path / "palette.png")) == np.asarray(palette.convert("RGB"))).all()
+
+
+# --------------------------------------------------------------------------- 6. messages
+
+@pytest.mark.parametrize("content", ["text", "empty", "no_info", "bad_json", "bad_rows"])
+def test_malformed_feature_file_is_one_sentence(tmp_path, capsys, content):
+    import evaluate
+    path = tmp_path / "f.npz"
+    arrays = dict(feats=np.eye(2, dtype=np.float32), paths=np.array(["a", "b"]), pids=np.array([1, 2]),
+                  camids=np.array([1, 3]), modality=np.array([0, 1]), info=np.array('{"protocol": "sysu"}'),
+                  plan=np.array('[["all", 0]]'), q0=np.array([1]), g0=np.array([0]))
+    if content == "text":
+        path.write_text("hello")
+    elif content == "empty":
+        path.write_bytes(b"")
+    else:
+        if content == "no_info":
+            del arrays["info"]
+        if content == "bad_json":
+            arrays["plan"] = np.array("[[")
+        if content == "bad_rows":
+            arrays["g0"] = np.array([7])
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+    with pytest.raises(SystemExit) as exit:
+        evaluate.cli(["--from-features", str(path)])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and str(path) in err and "Traceback" not in err
+
+
+def test_text_file_as_pretrained_weights(tmp_path):
+    path = tmp_path / "weights.pth"
+    path.write_text("these are not weights")
+    with pytest.raises(ValueError) as err:
+        model_module.TwoStreamNet("resnet18", str(path))
+    assert str(path) in str(err.value) and "weights_only" not in str(err.value) and "issue" not in str(err.value)
+
+
+def test_zero_feature_row_reports_its_norm():
+    import clustering
+    x = torch.nn.functional.normalize(torch.randn(8, 4), dim=1)
+    x[3] = 0
+    with pytest.raises(ValueError, match="row 3 has norm 0 "):
+        clustering.jaccard_similarity(x, 4, 2)
