@@ -1,8 +1,8 @@
 """Pseudo-labels: exact sparse k-reciprocal Jaccard distance (standard and modality-aware) and DBSCAN.
 
-Papers: MULT (He et al., IJCV 2024), spec mult.md §4.1 (the k-reciprocal Jaccard distance of Zhong et al.,
-CVPR 2017, with the official code's list lengths) and §4.2 (DBSCAN); MBMIL (Wang et al., AAAI 2026), spec
-mbmil.md §A.2 (modality-aware Jaccard: balanced neighbour lists, modality-balanced query expansion).
+Papers: MULT (He et al., IJCV 2024), docs/mult.md §4.1 (the k-reciprocal Jaccard distance of Zhong et al.,
+CVPR 2017, with the official code's list lengths) and §4.2 (DBSCAN); MBMIL (Wang et al., AAAI 2026),
+docs/mbmil.md §A.2 (modality-aware Jaccard: balanced neighbour lists, modality-balanced query expansion).
 
     S = jaccard_similarity(features, k1=30, k2=6)       # csr [N, N] float32, S = 1 - d_J, symmetric, S_ii = 1
     labels = dbscan(S, eps=0.6, min_samples=4)          # int64 [N], -1 = outlier
@@ -39,7 +39,7 @@ NORM_TOL = 1e-3             # allowed | ||x_i|| - 1 |
 
 
 def jaccard_similarity(features, k1=30, k2=6, modality=None):
-    """S = 1 - d_J, the k-reciprocal Jaccard similarity (MULT spec §4.1; MBMIL §A.2 when `modality` is given).
+    """S = 1 - d_J, the k-reciprocal Jaccard similarity (docs/mult.md §4.1; docs/mbmil.md §A.2 if `modality`).
 
     features: float tensor [N, D], L2-normalised rows, any device (the work runs there; float32 arithmetic).
     k1: main list length counting the point itself (half lists have round(k1/2) + 1 entries, NumPy rounding).
@@ -182,7 +182,7 @@ def _sort_lists(v, i):
 
 
 def _neighbour_lists(x, k1, k2, mod):
-    """Neighbour lists in the input index space (step 1 of §4.1; MBMIL §A.2 steps 1 and 4).
+    """Neighbour lists in the input index space (step 1 of §4.1; docs/mbmil.md §A.2 steps 1 and 4).
 
     Returns dict: main [N, k1] (the lists L_i used for reciprocity), qe_idx [N, q] and qe_w [q] (query
     expansion rows and weights), known: [(sim, idx)] lists whose x_i . x_j are known (self included).
@@ -345,7 +345,7 @@ def _runs(starts, counts, *per_run):
 
 
 def _query_expansion(v, qe_idx, qe_w):
-    """V~_i = sum_t w_t V_{q_it} (§4.1 step 5; MBMIL §A.2 step 4) as (row, col, val), rows sorted."""
+    """V~_i = sum_t w_t V_{q_it} (§4.1 step 5; docs/mbmil.md §A.2 step 4) as (row, col, val), rows sorted."""
     indptr, cols, vals = v
     n, q = qe_idx.shape
     lens = indptr[1:] - indptr[:-1]
@@ -413,7 +413,7 @@ def _symmetric_csr(pairs, n):
 
 
 def dbscan(similarity, eps, min_samples=4):
-    """DBSCAN on d = 1 - S (MULT spec §4.2), labelled exactly as scikit-learn's DBSCAN(metric="precomputed").
+    """DBSCAN on d = 1 - S (docs/mult.md §4.2), labelled exactly as scikit-learn's DBSCAN(metric="precomputed").
 
     similarity: scipy.sparse matrix [N, N], symmetric, values in [0, 1] (as jaccard_similarity returns);
         pairs not stored have distance 1. A stored pair's distance is 1 - S, formed and compared with eps in
@@ -472,7 +472,7 @@ def dbscan(similarity, eps, min_samples=4):
 
 
 def cluster_centers(features, labels):
-    """C_k = mean of the rows of `features` with label k (MULT spec §4.2), not re-normalised.
+    """C_k = mean of the rows of `features` with label k (docs/mult.md §4.2), not re-normalised.
 
     features: tensor [N, D]; labels: int array or tensor [N], -1 (outliers) ignored.
     Returns tensor [K, D] on features.device, K = labels.max() + 1; every label 0..K-1 needs a member.

@@ -1,6 +1,6 @@
 """Evaluation: the SYSU-MM01 and RegDB test protocols, their metrics, feature extraction and a CLI.
 
-Implements the test protocol of MULT (He et al., IJCV 2024; spec mult.md §9), which MBMIL (Wang
+Implements the test protocol of MULT (He et al., IJCV 2024; docs/mult.md §9), which MBMIL (Wang
 et al., AAAI 2026) shares: each image's eval feature and its horizontal flip's are averaged and
 L2-normalised again; distance is squared Euclidean in float64; ranking is NumPy's default argsort.
 - SYSU-MM01: query = every IR test image (cams 3 and 6); gallery = one visible image per
@@ -120,7 +120,7 @@ def _rank_metrics(distmat, q_pids, g_pids, keep_of, distinct, max_rank, return_v
 
 
 def eval_sysu(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=20, return_valid=False):
-    """SYSU-MM01 metrics (spec §9). distmat [Q, G] -> (cmc [max_rank] in [0, 1], mAP, mINP).
+    """SYSU-MM01 metrics (docs/mult.md §9). distmat [Q, G] -> (cmc [max_rank] in [0, 1], mAP, mINP).
 
     Gallery images of camera 2 are dropped for queries of camera 3. CMC: on the ranked list after
     exclusion keep the first image of each identity; rank-k = the true identity is among the
@@ -138,7 +138,7 @@ def eval_sysu(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=20, return_v
 
 
 def eval_regdb(distmat, q_pids, g_pids, max_rank=20, return_valid=False):
-    """RegDB metrics (spec §9): standard CMC on the full ranked list, AP and INP, no exclusion.
+    """RegDB metrics (docs/mult.md §9): standard CMC on the full ranked list, AP and INP, no exclusion.
 
     distmat [Q, G] -> (cmc [max_rank], mAP, mINP) [+ number of valid queries]; as `eval_sysu`.
     """
@@ -203,7 +203,7 @@ def _model_output(model_fn, x, modality):
 
 def extract_features(model_fn, images, height, width, batch_size=64, device="cpu", flip=True,
                      num_workers=0, desc=None):
-    """Test features of an ImageList (spec §9) -> float32 [N, D] on the CPU, rows in list order.
+    """Test features of an ImageList (docs/mult.md §9) -> float32 [N, D] on the CPU, rows in list order.
 
     model_fn(x [B, 3, H, W] on `device`, modality) -> [B, D] eval features; with `flip` the
     feature of the image and of its horizontal flip are averaged, then L2-normalised again.
@@ -287,7 +287,7 @@ def _extractor(model_fn, height, width, batch_size, device, num_workers):
 def evaluate_sysu(model_fn, root, modes=("all", "indoor"), trials=range(10), shot="single",
                   height=288, width=144, device="cpu", batch_size=64, num_workers=0,
                   save_features=None, save_ranklist=0, ranklist_dir=None):
-    """SYSU-MM01 protocol (spec §9) -> {mode: {"protocol", "shot", "trials": [{"trial", "R1",
+    """SYSU-MM01 protocol (docs/mult.md §9) -> {mode: {"protocol", "shot", "trials": [{"trial", "R1",
     ..., "mINP", "num_query", "num_gallery", "num_valid"}], "mean": {...}, "std": {...}}},
     metrics in percent. Each image is extracted once: the query once, the gallery candidates of
     each mode once (indoor's are a subset of all's); each trial picks its gallery by path."""
@@ -316,7 +316,7 @@ def evaluate_sysu(model_fn, root, modes=("all", "indoor"), trials=range(10), sho
 def evaluate_regdb(model_fn, root, trial, directions=("v2t", "t2v"), height=288, width=144,
                    device="cpu", batch_size=64, num_workers=0, save_features=None,
                    save_ranklist=0, ranklist_dir=None):
-    """RegDB protocol on split `trial` (1..10; spec §9) -> results as `evaluate_sysu`. The model
+    """RegDB protocol on split `trial` (1..10; docs/mult.md §9) -> results as `evaluate_sysu`. The model
     must have been trained on the same split; combine 10 runs with `mean_over_trials`."""
     from data.regdb import regdb_test
     directions = list(directions)

@@ -1,12 +1,12 @@
 """Cluster memories and contrastive losses of MULT and MBMIL.
 
-MULT: He, Cheng, Wang, Gao, IJCV 2024 (arXiv 2402.00672). Spec mult.md §7: one memory class
+MULT: He, Cheng, Wang, Gao, IJCV 2024 (arXiv 2402.00672); docs/mult.md §7: one memory class
 (§7.1), stage one (§7.2), the six stage-two banks (§7.3), AMIRL by absolute epoch parity (§7.4)
-and OCLR (§7.5). The paper's equations could not be read (spec §0), so this follows the
-official code, in the spec's symbols: s(x; M) = x̄ Mᵀ/τ, L_ms, L_ma, L_oclr, SCE(p ← q).
+and OCLR (§7.5). The loss forms follow the official code (docs/mult.md §0 says what of the paper
+was available); docs/mult.md §7 writes them out: s(x; M) = x̄ Mᵀ/τ, L_ms, L_ma, L_oclr, SCE(p ← q).
 
 MBMIL (BMIL): Wang, Gong, Li, Ji, "Modality-Aware Bias Mitigation and Invariance Learning for
-USL-VI-ReID", AAAI 2026 (arXiv 2512.07760). Spec mbmil.md §A.3: the centroid + hard dual
+USL-VI-ReID", AAAI 2026 (arXiv 2512.07760); docs/mbmil.md §A.3: the centroid + hard dual
 memory, the intra-modality loss, the modality split of global clusters into prototypes and the
 multi-positive "split-and-contrast" loss L_glb^m.
 
@@ -102,7 +102,7 @@ def _labelled_unit_rows(feats, labels, bank):
 
 
 class ClusterMemory:
-    """A non-learnable bank M [K, D] of L2-normalised cluster vectors (MULT spec §7.1).
+    """A non-learnable bank M [K, D] of L2-normalised cluster vectors (docs/mult.md §7.1).
 
     Initialised to C̄ = C/‖C‖ (normalised DBSCAN centers), rebuilt every epoch. `momentum` m is
     the weight of the OLD entry: M[y] <- m·M[y] + (1-m)·f̄, then re-normalised (m = 0.1).
@@ -147,7 +147,7 @@ class ClusterMemory:
 
 
 # ---------------------------------------------------------------------------------------------
-# MULT losses (spec §7.2-7.5)
+# MULT losses (docs/mult.md §7.2-7.5)
 
 def soft_ce(logits, target, name="target"):
     """CE(logits, Ŷ) = -(1/B) Σ_b Σ_k Ŷ_bk log softmax(logits_b)_k. [B, K], [B, K] -> scalar."""
@@ -270,7 +270,7 @@ def apply_updates(banks, updates):
     the calls on one bank in roughly reverse order, and a later-run backward already sees the
     updated bank when it computes its input gradient. Here all logits (and gradients) use the
     pre-update banks, and this function reproduces the final bank state; the only difference is
-    that gradient subtlety, which is negligible (spec §7.1, §14.4).
+    that gradient subtlety, which is negligible (docs/mult.md §7.1, §14.4).
     updates: list of (bank_name, feats [B, D], labels [B]) as returned by the loss functions.
     """
     for name, feats, labels in reversed(updates):
@@ -280,7 +280,7 @@ def apply_updates(banks, updates):
 
 
 # ---------------------------------------------------------------------------------------------
-# MBMIL (spec mbmil.md §A.3)
+# MBMIL (docs/mbmil.md §A.3)
 
 class HybridMemory:
     """Centroid bank + hard bank [K, D], both initialised to the L2-normalised centers (§A.3).

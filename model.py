@@ -1,6 +1,6 @@
 """Two-stream ResNet for visible-infrared re-ID, and the checkpoint format shared by both methods.
 
-MULT (He et al., IJCV 2024), spec §2; MBMIL (Wang et al., AAAI 2026) uses the same AGW-style network.
+MULT (He et al., IJCV 2024), docs/mult.md §2; MBMIL (Wang et al., AAAI 2026) uses the same AGW-style network.
 - Modality-specific stems (conv1 -> bn1 -> ReLU -> maxpool), one per modality, each from its own ResNet.
 - Shared layer1..layer4 from a third ResNet, last stage with stride 1 (288x144 -> 18x9 map).
 - GeM pooling with a fixed p = 3: (mean over positions of x^3 + 1e-12)^(1/3).
@@ -101,7 +101,7 @@ def _set_last_stride_one(layer4):
 
 
 class TwoStreamNet(nn.Module):
-    """Visible stem + infrared stem -> shared layer1..4 -> GeM -> BN-neck (spec §2).
+    """Visible stem + infrared stem -> shared layer1..4 -> GeM -> BN-neck (docs/mult.md §2).
 
     forward(x_vis [B_v, 3, H, W] or None, x_ir [B_r, 3, H, W] or None) -> [B_v + B_r, D], visible rows
     first. Both modalities go through the shared layers in one batch, so BN statistics mix them.

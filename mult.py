@@ -2,10 +2,10 @@
 
 Paper: L. He, D. Cheng, N. Wang, X. Gao, "Exploring Homogeneous and Heterogeneous Consistent Label
 Associations for Unsupervised Visible-Infrared Person ReID", IJCV 2024 (arXiv 2402.00672), the
-MULT module of the method. The paper's equations could not be read (spec mult.md §0), so this is
-the official code's algorithm as spec mult.md writes it down: §5 (label transfer), §6 (the OT and
-PGM baselines) and §11 items 6-8 (the exact speed-ups). Figure symbols: S^v, S^r are A_v, A_r
-below; S^{vr}, S^{rv} are T_vr, T_rv.
+MULT module of the method. This is the official code's algorithm (docs/mult.md §0 says what of
+the paper was available), written out with its equations in docs/mult.md: §5 (label transfer),
+§6 (the OT and PGM baselines), §11 items 6-8 (the exact speed-ups). Figure symbols: S^v, S^r are
+A_v, A_r below; S^{vr}, S^{rv} are T_vr, T_rv.
 
 Sizes: N_v, N_r samples, K_v, K_r DBSCAN clusters, D feature size. Everything is float32 on the
 features' device. Hard labels come back as numpy int64, soft labels as float32 tensors.
@@ -29,7 +29,7 @@ from scipy.optimize import linear_sum_assignment
 
 @dataclass
 class LabelTransfer:
-    """Pseudo-labels of one association step (spec §5.5), the same type for MULT, OT and PGM.
+    """Pseudo-labels of one association step (docs/mult.md §5.5), one type for MULT, OT and PGM.
 
     labels_v [N_v] in 0..K_v-1: visible samples in visible-cluster space (h_vv), numpy int64
     labels_r [N_r] in 0..K_r-1: infrared samples in infrared-cluster space (h_rr)
@@ -68,7 +68,7 @@ class LabelTransfer:
 
 
 def soft_targets(hard, soft, beta=0.7):
-    """Y_hat = beta * onehot(h, K) + (1 - beta) * Y* (spec §5.5, beta = 0.7).
+    """Y_hat = beta * onehot(h, K) + (1 - beta) * Y* (docs/mult.md §5.5, beta = 0.7).
 
     hard [N] int labels in 0..K-1 (numpy or torch), soft [N, K] -> [N, K] float32 on soft's device.
     """
@@ -135,7 +135,7 @@ def _check_labels(labels, n, name):
 
 
 def _affinity(sim, n, name, device):
-    """A = rownorm(1 - D) of spec §5.3 as a sparse CSR tensor [n, n] float32 (§11 item 6).
+    """A = rownorm(1 - D) of docs/mult.md §5.3 as a sparse CSR tensor [n, n] float32 (§11 item 6).
 
     sim: scipy sparse S = 1 - D_Jaccard, stored where D < 1, diagonal 1. A row-normalised copy
     of the values is made; no diagonal matrix.
@@ -185,7 +185,7 @@ def _prepare(feat_v, feat_r, labels_v, labels_r, **params):
 
 # ----------------------------------------------------------------------------- building blocks
 def cluster_centers(features, labels):
-    """C[k] = mean of the rows of `features` with label k, NOT re-normalised (spec §4.2).
+    """C[k] = mean of the rows of `features` with label k, NOT re-normalised (docs/mult.md §4.2).
 
     features [N, D], labels [N] int (numpy or torch; -1 = outlier, left out) -> C [K, D].
     """
@@ -200,7 +200,7 @@ def cluster_centers(features, labels):
 
 
 def _scaled_kernel(x, y, lam):
-    """The Sinkhorn kernel of spec §5.1, rescaled so it cannot underflow: x [n, D], y [m, D] ->
+    """The Sinkhorn kernel of docs/mult.md §5.1, rescaled against underflow: x [n, D], y [m, D] ->
     (G~ [n, m] float32, q_col [m]).
 
     Q_ij = ||x_i||^2 + ||y_j||^2 - 2 x_i . y_j (general formula: centers are not unit-norm);
@@ -221,7 +221,7 @@ def _scaled_kernel(x, y, lam):
 
 
 def _sinkhorn(G, b, max_iter=500, tol=0.1, check_every=10):
-    """Entropic OT with uniform marginals, S(Q; lambda) of spec §5.1: kernel G [n, m], start b [m].
+    """Entropic OT, uniform marginals: S(Q; lambda), docs/mult.md §5.1. Kernel G [n, m], start b.
 
     Iterates a = (1/n) / (G b); b' = (1/m) / (G^T a); at t % 10 == 0, err = sum_j |b_j / b'_j - 1|
     (NaN ignored); b <- b'; stops once err <= tol (initial err 1e6) or after max_iter iterations,
@@ -243,7 +243,7 @@ def _sinkhorn(G, b, max_iter=500, tol=0.1, check_every=10):
 
 
 def _ot_argmax(x, centers, lam, max_iter, tol):
-    """Hard OT assignment of spec §5.2: argmax_k Pi_ik for Pi = S(||x_i - C_k||^2; lambda).
+    """Hard OT assignment of docs/mult.md §5.2: argmax_k Pi_ik for Pi = S(||x_i - C_k||^2; lambda).
 
     x [N, D], centers [K, D] -> (labels [N] int64 torch, iterations). a_i is constant along row i,
     so argmax_k Pi_ik = argmax_k G_ik b_k (ties to the lowest k).
@@ -259,7 +259,7 @@ def _rel_l1(new, old):
 
 
 def _propagate(smooth_a, smooth_b, transfer_ab, transfer_ba, y0, z0, alpha, max_iter, tol):
-    """Label propagation P(A_a, A_b, T_ab, T_ba, Y0, Z0; alpha) of spec §5.4, Gauss-Seidel order:
+    """Label propagation P(A_a, A_b, T_ab, T_ba, Y0, Z0; alpha), docs/mult.md §5.4, Gauss-Seidel:
 
         Y~ = (1 - alpha) T_ab Z + alpha Y0;   Z~ = (1 - alpha) T_ba Y~ + alpha Z0  (the new Y~)
         Y <- 1/2 A_a Y~ + 1/2 Y~;              Z <- 1/2 A_b Z~ + 1/2 Z~
@@ -294,7 +294,7 @@ def _numpy(labels):
 def label_transfer(feat_v, feat_r, labels_v, labels_r, sim_v, sim_r, alpha=0.2, temp=0.05,
                    sinkhorn_lambda=25.0, *, sinkhorn_max_iter=500, sinkhorn_tol=0.1,
                    prop_max_iter=20, prop_tol=0.01):
-    """Modality-Unified Label Transfer, spec §5 (stage two, every epoch).
+    """Modality-Unified Label Transfer, docs/mult.md §5 (stage two, every epoch).
 
     feat_v [N_v, D], feat_r [N_r, D]: L2-normalised features of all instances (torch).
     labels_v [N_v], labels_r [N_r]: DBSCAN labels, numpy int64, -1 = outlier.
@@ -368,7 +368,7 @@ def _hard_result(h_v, h_r, x_v, x_r, k_v, k_r, sinkhorn_iters):
 
 def ot_association(feat_v, feat_r, labels_v, labels_r, sinkhorn_lambda=25.0, *,
                    sinkhorn_max_iter=500, sinkhorn_tol=0.1):
-    """Plain optimal-transport association (`optimal_transport`, spec §6), an ablation of MULT.
+    """Plain optimal-transport association (`optimal_transport`, docs/mult.md §6), a MULT ablation.
 
     Homogeneous labels = DBSCAN labels; cross labels = the OT argmax of §5.2 for every instance;
     soft labels = one-hot. Same inputs and return type as `label_transfer`, without sim.
@@ -385,7 +385,7 @@ def ot_association(feat_v, feat_r, labels_v, labels_r, sinkhorn_lambda=25.0, *,
 
 
 def _progressive_matching(cost):
-    """Hungarian matching of spec §6 (PGM_matching) for cost [K_a, K_b] with K_a >= K_b.
+    """Hungarian matching of docs/mult.md §6 (PGM_matching) for cost [K_a, K_b] with K_a >= K_b.
 
     Round one: a one-to-one assignment of all K_b columns to distinct rows (the official zero-padded
     square problem). Then the still unmatched rows are assigned again against all columns, round
@@ -406,7 +406,7 @@ def _progressive_matching(cost):
 
 
 def pgm_association(feat_v, feat_r, labels_v, labels_r):
-    """Progressive-graph-matching association (`PGM_matching`, spec §6; Wu & Ye, CVPR 2023).
+    """Progressive-graph-matching association (`PGM_matching`, docs/mult.md §6; Wu & Ye, CVPR 2023).
 
     Cluster-level Hungarian matching on cost = exp(-cos(C_v_k, C_r_l)) between normalised centers;
     each instance inherits its cluster's match; soft labels = one-hot. Same inputs and return type

@@ -1,7 +1,7 @@
 """An ImageNet stand-in for the synthetic CPU demo: supervised pretraining of a plain ResNet on a disjoint
 synthetic population, one class per (identity, modality).
 
-Both papers start from ImageNet ResNet-50 weights (MULT spec §2; mbmil.md §A.4), and unsupervised re-ID from
+Both papers start from ImageNet ResNet-50 (docs/mult.md §2; docs/mbmil.md §A.4), and unsupervised re-ID from
 random weights does not bootstrap in a few CPU minutes: a random network's features are nearly collinear (mean
 cosine 0.99 on the synthetic set) and its pseudo-labels stay near chance. ImageNet weights cannot be downloaded
 here, so the synthetic preset starts from weights of the same kind: a classifier trained with labels on images

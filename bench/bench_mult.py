@@ -1,4 +1,4 @@
-"""Benchmark of `mult.label_transfer` (MULT, He et al. IJCV 2024; spec mult.md §5, §11) at
+"""Benchmark of `mult.label_transfer` (MULT, He et al. IJCV 2024; docs/mult.md §5, §11) at
 SYSU-MM01 size: 22,258 visible + 11,909 infrared samples, D = 2048, a few hundred clusters.
 
 Synthetic data: 395 identities (unit means), a modality offset and Gaussian noise, L2-normalised;

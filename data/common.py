@@ -2,7 +2,7 @@
 
 Every reader returns `ImageList`s: one per modality (training) or one per query / gallery side
 (testing). Rows are in lexicographic order of the image path for training sets, which fixes the
-row order that clustering labels depend on (MULT spec §0).
+row order that clustering labels depend on (docs/mult.md §0).
 """
 import os
 from dataclasses import dataclass

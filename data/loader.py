@@ -1,8 +1,8 @@
 """torch Datasets for feature extraction and for whole pre-built training batches.
 
-MULT (He et al., IJCV 2024), spec mult.md §1.4-1.5: an item of TrainBatches is one batch of
+MULT (He et al., IJCV 2024), docs/mult.md §1.4-1.5: an item of TrainBatches is one batch of
 (visible, infrared) pairs with two visible views (v0, v1) and one infrared tensor (r).
-MBMIL (Wang et al., AAAI 2026), spec mbmil.md §A.4, uses the same batches with unrelated visible
+MBMIL (Wang et al., AAAI 2026), docs/mbmil.md §A.4, uses the same batches with unrelated visible
 and infrared halves (its separate per-modality loaders).
 
 Seeding: the augmentation of position j of batch b uses its own generator,
@@ -80,7 +80,7 @@ class ImageDataset(Dataset):
 
 
 class TrainBatches(Dataset):
-    """Item b -> one whole training batch of (visible, infrared) pairs (mult.md §1.5).
+    """Item b -> one whole training batch of (visible, infrared) pairs (docs/mult.md §1.5).
 
     vis, ir:    ImageLists of N_v visible and N_r infrared training rows
     transforms: {"v0", "v1", "r"}: callables (PIL image, rng) -> [3, H, W]

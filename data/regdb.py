@@ -2,7 +2,7 @@
 
 Dataset: Nguyen et al., "Person Recognition System Based on a Combination of Body Images from
 Visible Light and Thermal Cameras", Sensors 2017. Protocol as used by MULT (He et al., IJCV 2024;
-spec mult.md §1.2 data, §9 evaluation) and MBMIL (Wang et al., AAAI 2026; mbmil.md §A.4).
+docs/mult.md §1.2 data, §9 evaluation) and MBMIL (Wang et al., AAAI 2026; docs/mbmil.md §A.4).
 
 Layout under `root` (the folder that holds `idx/` and the image folders):
     idx/train_visible_{t}.txt  idx/train_thermal_{t}.txt
@@ -91,7 +91,7 @@ def _check_disjoint(root, train_name, test_name):
 
 
 def regdb_train(root, trial):
-    """The training split of one RegDB trial (mult.md §1.2).
+    """The training split of one RegDB trial (docs/mult.md §1.2).
 
     root:  folder holding idx/ and the image folders
     trial: int in 1..10
@@ -107,7 +107,7 @@ def regdb_train(root, trial):
 
 
 def regdb_test(root, trial, direction="v2t"):
-    """Query and gallery of one RegDB trial's test split (mult.md §9), in index-file order.
+    """Query and gallery of one RegDB trial's test split (docs/mult.md §9), in index-file order.
 
     direction: "v2t" (query = test visible, gallery = test thermal) or "t2v" (the reverse).
     Nothing is excluded at evaluation; query and gallery are different cameras (1 and 2).

@@ -1,9 +1,9 @@
 """Batch samplers driven by pseudo-label arrays and an own np.random.Generator.
 
-MULT (He et al., IJCV 2024), spec mult.md §1.5: stage one draws `clusters` visible and,
+MULT (He et al., IJCV 2024), docs/mult.md §1.5: stage one draws `clusters` visible and,
 independently, `clusters` infrared clusters per batch; stage two draws clusters/2 visible-space
 and clusters/2 infrared-space clusters, each contributing `instances` (visible, infrared) pairs.
-MBMIL (Wang et al., AAAI 2026), spec mbmil.md §A.4: per-modality PK batches.
+MBMIL (Wang et al., AAAI 2026), docs/mbmil.md §A.4: per-modality PK batches.
 
 Only pseudo-labels enter here, never ground-truth ids; `rng` is required (no global RNG).
 A whole epoch is built at once; each function returns int64 row indices, [num_batches, B, 2]
@@ -96,7 +96,7 @@ def _no_cluster(name, what):
 
 
 def stage_one_batches(labels_vis, labels_ir, num_batches, clusters=12, instances=12, rng=None):
-    """MULT stage one (mult.md §1.5): unrelated per-modality cluster batches.
+    """MULT stage one (docs/mult.md §1.5): unrelated per-modality cluster batches.
 
     labels_vis: int [N_v] DBSCAN labels of the visible rows (-1 = outlier, never drawn)
     labels_ir:  int [N_r] DBSCAN labels of the infrared rows
@@ -124,7 +124,7 @@ def stage_one_batches(labels_vis, labels_ir, num_batches, clusters=12, instances
 
 
 def stage_two_batches(h_vv, h_rv, h_vr, h_rr, num_batches, clusters=12, instances=12, rng=None):
-    """MULT stage two (mult.md §1.5): cluster-paired cross-modality batches.
+    """MULT stage two (docs/mult.md §1.5): cluster-paired cross-modality batches.
 
     h_vv: int [N_v] labels of the visible rows in visible space
     h_rv: int [N_r] labels of the infrared rows in visible space
@@ -171,7 +171,7 @@ def stage_two_batches(h_vv, h_rv, h_vr, h_rr, num_batches, clusters=12, instance
 
 
 def pk_batches(labels, num_batches, clusters, instances, rng):
-    """PK batches for one modality (MBMIL, mbmil.md §A.4, the camera-free `--no-cam` variant).
+    """PK batches for one modality (MBMIL, docs/mbmil.md §A.4, the camera-free `--no-cam` variant).
 
     labels: int [N] pseudo-labels (-1 never drawn)
     Per batch: `clusters` distinct clusters (P), `instances` rows each (K), cluster-major.

@@ -1,7 +1,7 @@
 """Synthetic visible-infrared person re-id data, written in the real SYSU-MM01 and RegDB layouts.
 
 No paper: SYSU-MM01 and RegDB need licences, so tests and the default demo render person figures
-here and read them back with the real loaders (MULT spec §1.1 SYSU-MM01 on disk, §1.2 RegDB on
+here and read them back with the real loaders (docs/mult.md §1.1 SYSU-MM01 on disk, §1.2 RegDB on
 disk, §1.3 every file decodes to 3 channels).
 
 Identity lives in both modalities in body shape (height, shoulder and hip width, head size, leg

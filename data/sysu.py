@@ -1,8 +1,8 @@
 """SYSU-MM01 readers: the raw training set and the official test protocol, no preprocessing.
 
 Dataset: Wu et al., "RGB-Infrared Cross-Modality Person Re-Identification", ICCV 2017.
-Protocol as used by MULT (He et al., IJCV 2024; spec mult.md §1.1 data, §9 evaluation) and
-MBMIL (Wang et al., AAAI 2026; spec mbmil.md §A.4), both taken from the AGW evaluation code.
+Protocol as used by MULT (He et al., IJCV 2024; docs/mult.md §1.1 data, §9 evaluation) and
+MBMIL (Wang et al., AAAI 2026; docs/mbmil.md §A.4), both taken from the AGW evaluation code.
 
 Layout under `root` (the folder that holds `cam1..cam6/` and `exp/`):
     cam{c}/{pid:04d}/{file}.jpg     visible cams 1, 2, 4, 5; infrared cams 3, 6
@@ -11,7 +11,7 @@ Some (id, camera) folders do not exist in the real data; they are skipped.
 
 Training ids are train_id ∪ val_id (296 + 99 = 395 ids, 22,258 visible and 11,909 infrared
 images). The readers check these counts, because a silently broken copy of the dataset costs
-accuracy without any other symptom (user-needs.md C.1).
+accuracy without any other symptom (docs/notes.md C.1).
 
 Test: query = every infrared image (cams 3 and 6) of the 96 test ids; gallery = per trial, one
 visible image (single-shot) or up to ten (multi-shot) per (test id, gallery camera), drawn with
@@ -101,7 +101,7 @@ def _sorted_by_path(images):
 
 
 def sysu_train(root, expected=SYSU_TRAIN_COUNTS):
-    """The SYSU-MM01 training set, train_id ∪ val_id (mult.md §1.1).
+    """The SYSU-MM01 training set, train_id ∪ val_id (docs/mult.md §1.1).
 
     root:     folder holding cam1..cam6/ and exp/
     expected: dict with any of the keys "ids", "vis", "ir" (default: the standard 395 / 22,258 /
@@ -160,7 +160,7 @@ def _check_mode(mode):
 
 
 def sysu_gallery_candidates(root, mode="all"):
-    """Every visible image of the gallery cameras of the test ids (mult.md §9).
+    """Every visible image of the gallery cameras of the test ids (docs/mult.md §9).
 
     Rows in the official draw order: for pid in sorted test ids, for cam in GALLERY_CAMS[mode],
     the folder's files sorted. `sysu_gallery_draw` picks each trial's gallery from these rows,
@@ -173,7 +173,7 @@ def sysu_gallery_candidates(root, mode="all"):
 
 
 def sysu_gallery_draw(candidates, trial=0, shot="single"):
-    """Row indices into `candidates` of one trial's gallery, the official draw (mult.md §9).
+    """Row indices into `candidates` of one trial's gallery, the official draw (docs/mult.md §9).
 
     A fresh random.Random(trial) (same stream as `random.seed(trial)`) walks the (id, camera)
     groups of `candidates` in order; single-shot takes rng.choice(files), multi-shot
@@ -203,7 +203,7 @@ def sysu_gallery_draw(candidates, trial=0, shot="single"):
 
 
 def sysu_test(root, mode="all", trial=0, shot="single"):
-    """Query and one trial's gallery of the SYSU-MM01 test protocol (mult.md §9).
+    """Query and one trial's gallery of the SYSU-MM01 test protocol (docs/mult.md §9).
 
     mode:  "all" (gallery cams 1, 2, 4, 5) or "indoor" (cams 1, 2)
     trial: int >= 0, the gallery seed (the usual protocol averages trials 0..9)

@@ -1,7 +1,7 @@
 """Training and test transforms with explicit random generators.
 
-MULT (He et al., IJCV 2024): the official code's augmentation table, spec mult.md §1.4.
-MBMIL (Wang et al., AAAI 2026): the official code's pipelines, spec mbmil.md §A.4.
+MULT (He et al., IJCV 2024): the official code's augmentation table, docs/mult.md §1.4.
+MBMIL (Wang et al., AAAI 2026): the official code's pipelines, docs/mbmil.md §A.4.
 
 Every step is a small class called as `step(x, rng)` with an `np.random.Generator`; nothing
 here touches Python's, NumPy's or torch's global RNG, so an image's augmentation is a pure
@@ -23,7 +23,7 @@ from torchvision.transforms import InterpolationMode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-ERASE_FILL = (0.4914, 0.4822, 0.4465)   # written into *normalised* space (mult.md §1.4)
+ERASE_FILL = (0.4914, 0.4822, 0.4465)   # written into *normalised* space (docs/mult.md §1.4)
 GREY_WEIGHTS = (0.2989, 0.5870, 0.1140)
 _INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
                    "lanczos": InterpolationMode.LANCZOS}
@@ -169,7 +169,7 @@ class Normalize:
 
 
 def _draw_rectangle(height, width, rng, area=(0.02, 0.4), ratio=0.3):
-    """One random-erasing rectangle draw (mult.md §1.4): (top, left, h, w) or None if rejected.
+    """One random-erasing rectangle draw (docs/mult.md §1.4): (top, left, h, w) or None if rejected.
 
     target area a ~ U(area) * H * W, aspect r ~ U(ratio, 1 / ratio), h = round(sqrt(a * r)),
     w = round(sqrt(a / r)); accepted only if h < H and w < W, then the corner is uniform over
@@ -185,7 +185,7 @@ def _draw_rectangle(height, width, rng, area=(0.02, 0.4), ratio=0.3):
 
 
 class RandomErasing:
-    """Channel random erasing (Zhong et al., AAAI 2020; mult.md §1.4), on a normalised tensor.
+    """Channel random erasing (Zhong et al., AAAI 2020; docs/mult.md §1.4), on a normalised tensor.
 
     With probability p, try up to `max_tries` rectangle draws; fill the first accepted one with
     `fill`, one constant per channel. The constants are written into normalised space.
@@ -216,7 +216,7 @@ def _grey(x):
 
 
 class ChannelExchange:
-    """Draw k uniform in {0..gray}; k <= 2 replicates channel k, k >= 3 writes grey (mult.md §1.4).
+    """Draw k uniform in {0..gray}; k <= 2 copies channel k, k >= 3 writes grey (docs/mult.md §1.4).
 
     With the official gray=2 the grey branch is unreachable, so the output is always one channel
     replicated three times.
@@ -238,7 +238,7 @@ class ChannelExchange:
 
 class ChannelAdapGray:
     """Draw k uniform in {0, 1, 2, 3}; k <= 2 replicates channel k; k = 3 writes grey with
-    probability p, else leaves x unchanged (mult.md §1.4). With p = 0.5: each channel 1/4,
+    probability p, else leaves x unchanged (docs/mult.md §1.4). With p = 0.5: each channel 1/4,
     grey 1/8, unchanged 1/8.
     """
 
@@ -259,7 +259,7 @@ class ChannelAdapGray:
 
 class LinearTransform:
     """Random multiplicative region darkening of MULT, on a [0, 1] tensor before Normalize
-    (mult.md §1.4, stage one, v0 only).
+    (docs/mult.md §1.4, stage one, v0 only).
 
     With probability p: M = 1 (per channel and pixel); repeat: draw a rectangle as in random
     erasing (rejected draws are simply redrawn); for each channel c whose maximum m_c inside it
@@ -311,7 +311,7 @@ def train_transforms(height, width, stage, method="mult", pad=10):
     """The three training pipelines, each a callable (PIL image, rng) -> float tensor [3, H, W].
 
     stage:  1 or 2 (MULT: epochs < 40 / >= 40; MBMIL: its two training stages)
-    method: "mult" (mult.md §1.4 table) or "mbmil" (mbmil.md §A.4)
+    method: "mult" (docs/mult.md §1.4 table) or "mbmil" (docs/mbmil.md §A.4)
     Returns {"v0": ..., "v1": ..., "r": ...}: two views of a visible image and one infrared image.
     MULT:  stage 1  v0 = geo, ToTensor, LinearTransform(0.9), Normalize, RE(0.9)
                     v1 = geo, ColorJitter, ToTensor, Normalize, RE(0.9), ChannelExchange
@@ -358,7 +358,7 @@ def train_transforms(height, width, stage, method="mult", pad=10):
 
 
 def test_transform(height, width, interpolation="bilinear"):
-    """Feature-extraction / test pipeline (mult.md §1.4): Resize, ToTensor, Normalize.
+    """Feature-extraction / test pipeline (docs/mult.md §1.4): Resize, ToTensor, Normalize.
 
     Returns a callable PIL image -> float tensor [3, H, W] (no randomness; rng not needed).
     """

@@ -1,4 +1,4 @@
-"""clustering.py against slow dense references written here (MULT spec §4.1-4.2, MBMIL spec §A.2)."""
+"""clustering.py against slow dense references written here (docs/mult.md §4.1-4.2, docs/mbmil.md §A.2)."""
 import time
 
 import numpy as np
@@ -35,7 +35,7 @@ def sign_features(n, d=16, seed=0):
 
 # ------------------------------------------------------------------------------ dense reference (§4.1)
 def reference_jaccard(x, k1, k2, modality=None):
-    """d_J as a dense N x N float64 array, straight from MULT §4.1 / MBMIL §A.2, with loops."""
+    """d_J as a dense N x N float64 array, straight from docs/mult.md §4.1 / docs/mbmil.md §A.2."""
     x = x.numpy().astype(np.float64)
     n = len(x)
     sim = x @ x.T

@@ -12,7 +12,7 @@ from memory import (ClusterMemory, HybridMemory, apply_updates, global_loss, int
 # ----------------------------------------------------------------------------- references
 
 def ref_sequential_update(bank, feats, labels, m):
-    """MULT §7.1 one sample at a time: M[y] <- m M[y] + (1-m) f/|f|, then M[y] /= |M[y]|."""
+    """docs/mult.md §7.1 one sample at a time: M[y] <- m M[y] + (1-m) f/|f|, then M[y] /= |M[y]|."""
     bank = bank.clone()
     for f, y in zip(feats, labels.tolist()):
         if y < 0:
@@ -162,7 +162,7 @@ def test_stage_one_loss_hand_computed():
 
 
 def expected_stage_two(banks, f_v0, f_v1, f_r, Y, even):
-    """§7.4 written out term by term."""
+    """docs/mult.md §7.4 written out term by term."""
     B = {name: mem.bank for name, mem in banks.items()}
     if even:
         ms = (ref_soft_ce(s(f_v0, B["v"]), Y["vv"]) + ref_soft_ce(s(f_v1, B["v"]), Y["vv"])

@@ -1,4 +1,4 @@
-"""Tests for mult.py: MULT label transfer (spec mult.md §5) and the OT / PGM baselines (§6).
+"""Tests for mult.py: MULT label transfer (docs/mult.md §5) and the OT / PGM baselines (§6).
 
 The reference below is the slow, dense, float64 transcription of §5: dense kernel, explicit
 diag(a) G diag(b) plan, dense row-normalised A, T_vr, T_rv, Python loops for the centers.

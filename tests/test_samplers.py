@@ -1,4 +1,4 @@
-"""data/samplers.py: batch composition of mult.md §1.5 and MBMIL's PK batches."""
+"""data/samplers.py: batch composition of docs/mult.md §1.5 and MBMIL's PK batches."""
 import numpy as np
 import pytest
 

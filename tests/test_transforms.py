@@ -1,4 +1,4 @@
-"""data/transforms.py: pipelines of mult.md §1.4 / mbmil.md §A.4 and each random step."""
+"""data/transforms.py: pipelines of docs/mult.md §1.4 / docs/mbmil.md §A.4 and each random step."""
 import numpy as np
 import pytest
 import torch
