@@ -4,9 +4,9 @@
     python train.py --dataset regdb --trial 1         # MULT on RegDB split 1 (one model per trial)
     python train.py --dataset sysu --method mbmil     # MBMIL on SYSU-MM01
 
-Every epoch (MULT spec §3): extract features of all training images -> per-modality Jaccard + DBSCAN ->
+Every epoch (docs/mult.md §3): extract features of all training images -> per-modality Jaccard + DBSCAN ->
 stage one: intra-modality memories (§7.2); stage two: label transfer (§5) + AMIRL/OCLR (§7.3-7.5), or for
-MBMIL the modality-aware global clustering + split-and-contrast prototypes (mbmil.md §A.2-A.3) -> train ->
+MBMIL the modality-aware global clustering + split-and-contrast prototypes (docs/mbmil.md §A.2-A.3) -> train ->
 evaluate. A checkpoint `last.pth` is written atomically after every epoch; `--resume auto` (the default)
 continues a run folder at its next epoch and reproduces the uninterrupted run: every random draw of an epoch
 (sampler, augmentation) is seeded by (--seed, epoch), so nothing but model, optimizer and epoch needs restoring.
@@ -37,7 +37,7 @@ from data.common import VIS, IR, read_image
 from data.loader import TrainBatches
 from model import TwoStreamNet, load_checkpoint, save_checkpoint
 
-# Dataset presets (MULT spec §8, §13; mbmil.md §A.4). Applied first; anything given on the command line wins.
+# Dataset presets (docs/mult.md §8, §13; docs/mbmil.md §A.4). Applied first; anything given on the command line wins.
 # The synthetic preset is sized for the 2-core CPU demo (about 15 minutes): a small backbone from scratch,
 # small images, few clusters per batch. The SYSU and RegDB presets are the papers'.
 PRESETS = {
@@ -51,7 +51,7 @@ PRESETS = {
                       width=32, epochs=12, stage_one_epochs=6, iters="60,60", eps=0.5, clusters=8,
                       instances=8, augment="light", lr_steps="6,9,11", eval_trials=10, workers=1),
 }
-# MBMIL (mbmil.md §A.4-A.5): two stages of 50 epochs, stage two with a fresh Adam and StepLR(20, 0.1) per
+# MBMIL (docs/mbmil.md §A.4-A.5): two stages of 50 epochs, stage two with a fresh Adam and StepLR(20, 0.1) per
 # stage, 8 pseudo-ids x 16 instances, SYSU visible subset ratio 0.5.
 MBMIL_PRESETS = {
     "sysu": dict(epochs=100, stage_one_epochs=50, iters="200,200", clusters=8, instances=16,
@@ -82,7 +82,7 @@ def get_args_parser():
     a("--stage-one-epochs", type=int, default=None, help="epochs of stage one (MULT: 40)")
     a("--iters", type=str, default=None, help="iterations per epoch, 'N' or 'stage1,stage2' (SYSU: 300,200)")
     a("--augment", choices=("paper", "light"), default=None,
-      help="paper: the augmentations of each stage (§1.4); light: the stage-two ones throughout (synthetic preset)")
+      help="paper: the augmentations of each stage (docs/mult.md §1.4); light: the stage-two ones throughout (synthetic preset)")
     a("--clusters", type=int, default=None, help="clusters per batch (MULT: 12)")
     a("--instances", type=int, default=None, help="images per cluster and modality (MULT: 12)")
     a("--lr", type=float, default=None, help="Adam learning rate (3.5e-4)")
@@ -468,7 +468,7 @@ def extract(model, images, args):
 
 
 def cluster(feats, args, log, name, gt=None, modality=None):
-    """Jaccard + DBSCAN (spec §4) -> (labels int64 [N], similarity csr) with a one-line summary."""
+    """Jaccard + DBSCAN (docs/mult.md §4) -> (labels int64 [N], similarity csr) with a one-line summary."""
     t = time.time()
     sim = clustering.jaccard_similarity(feats, args.k1, args.k2, modality=modality)
     labels = clustering.dbscan(sim, args.eps, args.min_samples)
@@ -592,7 +592,7 @@ def cross_accuracies(lt, vis, ir, labels_v, labels_r):
 
 
 def mbmil_epoch(model, optimizer, vis, ir, epoch, args, log):
-    """Pseudo-labels + one epoch of MBMIL (mbmil.md §A.2-A.5). None when DBSCAN found no cluster."""
+    """Pseudo-labels + one epoch of MBMIL (docs/mbmil.md §A.2-A.5). None when DBSCAN found no cluster."""
     stage = 1 if epoch < args.stage_one_epochs else 2
     rng = np.random.default_rng([args.seed, epoch])
     feats_v, feats_r = extract(model, vis, args), extract(model, ir, args)
@@ -719,7 +719,7 @@ def describe_global(record):
 # The loop
 
 def make_optimizer(model, args):
-    """Adam, two parameter groups (BN-neck and the rest) at the same lr (spec §8)."""
+    """Adam, two parameter groups (BN-neck and the rest) at the same lr (docs/mult.md §8)."""
     neck = [p for p in model.bnneck.parameters() if p.requires_grad]
     rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("bnneck.")]
     return torch.optim.Adam([{"params": rest}, {"params": neck}], lr=args.lr, weight_decay=args.weight_decay)
