@@ -148,47 +148,6 @@ def eval_regdb(distmat, q_pids, g_pids, max_rank=20, return_valid=False):
                          "eval_regdb")
 
 
-def pair_precision_recall(labels, pids):
-    """Pseudo-label quality against ground truth (diagnostics only): over unordered pairs of
-    samples, precision = same cluster and same id / same cluster, recall = same cluster and same
-    id / same id. labels int [N] (-1 = outlier, in no pair), pids [N] -> (precision, recall);
-    nan where a denominator is 0. Exact, from the cluster x identity contingency counts."""
-    labels, pids = np.asarray(labels), np.asarray(pids)
-    if labels.shape != pids.shape or labels.ndim != 1:
-        raise ValueError(f"labels {labels.shape} and pids {pids.shape}: expected equal 1-D shapes")
-    pairs = lambda counts: float((counts * (counts - 1) // 2).sum())   # noqa: E731
-    clustered = labels >= 0
-    _, joint = np.unique(np.stack([labels[clustered], pids[clustered]]), axis=1, return_counts=True)
-    both = pairs(joint)
-    same_cluster = pairs(np.unique(labels[clustered], return_counts=True)[1])
-    same_id = pairs(np.unique(pids, return_counts=True)[1])
-    return (both / same_cluster if same_cluster else float("nan"),
-            both / same_id if same_id else float("nan"))
-
-
-def cross_label_accuracy(cross, pids, labels_other, pids_other):
-    """Share of samples whose cross-modality label names a cluster of their own identity
-    (diagnostics only). cross int [N] in 0..K-1 (or -1: not counted), pids [N]; the K clusters
-    of the other modality, labels_other int [M] (-1 = outlier), are named by the majority
-    ground-truth id of their members pids_other [M] (ties: the smallest id)."""
-    cross, pids = np.asarray(cross), np.asarray(pids)
-    labels_other, pids_other = np.asarray(labels_other), np.asarray(pids_other)
-    num_k = int(labels_other.max()) + 1 if labels_other.size else 0
-    if cross.shape != pids.shape or labels_other.shape != pids_other.shape or cross.max(initial=-1) >= num_k:
-        raise ValueError(f"cross_label_accuracy: cross {cross.shape} must match pids {pids.shape} and "
-                         f"lie in -1..{num_k - 1}; labels_other {labels_other.shape} must match "
-                         f"pids_other {pids_other.shape}")
-    ids, code = np.unique(pids_other, return_inverse=True)
-    member = labels_other >= 0
-    counts = np.bincount(labels_other[member] * len(ids) + code[member],
-                         minlength=num_k * len(ids)).reshape(num_k, len(ids))   # [K, U]
-    name, named = ids[counts.argmax(1)], counts.sum(1) > 0
-    used = cross >= 0
-    if not used.any():
-        return float("nan")
-    return float((named[cross[used]] & (name[cross[used]] == pids[used])).mean())
-
-
 # ----------------------------------------------------------------------------- features
 def _model_output(model_fn, x, modality):
     f = model_fn(x, modality)

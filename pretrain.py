@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from data.common import read_image
 from data.synthetic import FORMAT_VERSION, ensure_synthetic
-from data.transforms import train_transforms
+from data.transforms import crop_pad, train_transforms
 
 VIS_CAMS, IR_CAMS = (1, 2, 4, 5), (3, 6)
 SETTINGS = dict(modalities="both", arch="resnet18", height=64, width=32, num_ids=100, seed=1000, epochs=10,
@@ -59,7 +59,7 @@ class PretrainImages(Dataset):
         self.ir = np.array([ir for _, ir in rows])
         classes = [f"{os.path.basename(os.path.dirname(p))}/{int(ir)}" for p, ir in rows]   # "<identity>/<is ir>"
         _, self.labels = np.unique(classes, return_inverse=True)
-        tf = train_transforms(height, width, 2, pad=max(1, round(10 * height / 288)))
+        tf = train_transforms(height, width, 2, pad=crop_pad(height))
         self.transform, self.transform_v1, self.transform_r = tf["v0"], tf["v1"], tf["r"]
         self.seed, self.epoch = seed, 0
 

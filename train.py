@@ -4,15 +4,16 @@
     python train.py --dataset regdb --trial 1         # MULT on RegDB split 1 (one model per trial)
     python train.py --dataset sysu --method mbmil     # MBMIL on SYSU-MM01
 
-Every epoch (docs/mult.md §3): extract features of all training images -> per-modality Jaccard + DBSCAN ->
-stage one: intra-modality memories (§7.2); stage two: label transfer (§5) + AMIRL/OCLR (§7.3-7.5), or for
-MBMIL the modality-aware global clustering + split-and-contrast prototypes (docs/mbmil.md §A.2-A.3) -> train ->
-evaluate. A checkpoint `last.pth` is written atomically after every epoch; `--resume auto` (the default)
-continues a run folder at its next epoch and reproduces the uninterrupted run: every random draw of an epoch
-(sampler, augmentation) is seeded by (--seed, epoch), so nothing but model, optimizer and epoch needs restoring.
+Every epoch (docs/mult.md §3, docs/mbmil.md §A.4) reads as the papers' loop:
+    extract features of every training image -> cluster -> associate -> memories -> train -> evaluate
+MULT:  per-modality Jaccard + DBSCAN (§4); stage one trains on intra-modality memories (§7.2); stage two adds the
+       Modality-Unified Label Transfer (§5) and trains with AMIRL and OCLR (§7.3-7.5)         -> `mult_epoch`
+MBMIL: per-modality clustering for the intra step; in stage two, one modality-aware global clustering
+       (docs/mbmil.md §A.2) and split-and-contrast prototypes (§A.3)                         -> `mbmil_epoch`
+The run folder (naming, resume, --init-from, the checks before the first epoch) is runs.py's. Every random draw
+of an epoch (sampler, augmentation) is seeded by (--seed, epoch), so a resumed run reproduces the uninterrupted one.
 """
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -29,17 +30,19 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import clustering
+import diagnostics
 import evaluate
 import memory
 import mult
+import runs
 from data import samplers, transforms
-from data.common import VIS, IR, read_image
+from data.common import VIS, IR
 from data.loader import TrainBatches
-from model import TwoStreamNet, load_checkpoint, save_checkpoint
+from model import TwoStreamNet, save_checkpoint
 
 # Dataset presets (docs/mult.md §8, §13; docs/mbmil.md §A.4). Applied first; anything given on the command line wins.
-# The synthetic preset is sized for the 2-core CPU demo (about 15 minutes): a small backbone from scratch,
-# small images, few clusters per batch. The SYSU and RegDB presets are the papers'.
+# The synthetic preset is sized for the 2-core CPU demo: a ResNet-18 initialised by pretrain.py (the stand-in
+# for ImageNet weights), small images, few clusters per batch. The SYSU and RegDB presets are the papers'.
 PRESETS = {
     "sysu": dict(data_root="datasets/SYSU-MM01", arch="resnet50", pretrained="imagenet", height=288,
                  width=144, epochs=90, stage_one_epochs=40, iters="300,200", eps=0.6, clusters=12,
@@ -63,6 +66,9 @@ MBMIL_PRESETS = {
 DEFAULTS = dict(k1=30, k2=6, min_samples=4, lr=3.5e-4, weight_decay=5e-4, alpha=0.2, beta=0.7, temp=0.05,
                 sinkhorn_lambda=25.0, momentum=0.1, subset_ratio=1.0, hard_neg_k=50, intra_margin=0.2,
                 eval_every=1, extract_batch=128, augment="paper")
+# MBMIL's global step draws its batches' augmentations from the seed of epoch + this offset, apart from
+# the intra step's (which uses the epoch's own).
+GLOBAL_STEP_SEED_OFFSET = 100_000
 
 
 def get_args_parser():
@@ -103,13 +109,16 @@ def get_args_parser():
     a("--hard-neg-k", type=int, default=None, help="MBMIL: candidates of the multi-positive loss (50)")
     a("--intra-margin", type=float, default=None, help="MBMIL: margin of the centroid term (0.2)")
     a("--intra-loss", choices=("hybrid", "infonce"), default="hybrid", help="MBMIL intra-modality loss")
+    a("--diagnostics", action=argparse.BooleanOptionalAction, default=None,
+      help="also run the baselines on the same features each stage-two epoch (MULT: OT's labels; MBMIL: the plain "
+           "Jaccard's clusters) and log their quality; changes no result (default: synthetic only)")
     a("--eval-every", type=int, default=None, help="evaluate every N epochs (the last epoch always)")
     a("--eval-trials", type=int, default=None, help="SYSU gallery draws in the final evaluation (10)")
     a("--eval-untrained", action=argparse.BooleanOptionalAction, default=None,
       help="evaluate the untrained model first, as the reference for the learning curve (default: synthetic only)")
     a("--select-on-test", action="store_true", help="ALSO report the best epoch by test mAP (model selection on the test set; labelled as such)")
     a("--seed", type=int, default=1, help="seeds everything")
-    a("--out", type=str, default=None, help="run folder (default runs/<method>_<dataset>[_trial<t>])")
+    a("--out", type=str, default=None, help="run folder (default runs/<method>_<dataset>[_trial<t>] + the flags off the preset)")
     a("--resume", type=str, default="auto", help="auto (continue --out if it has last.pth), a checkpoint path, or none")
     a("--overwrite", action="store_true", help="with --resume none: replace the run already in --out")
     a("--init-from", type=str, default=None,
@@ -124,12 +133,418 @@ def get_args_parser():
     return p
 
 
+# ---------------------------------------------------------------------------------------------------
+# MULT: one epoch (docs/mult.md §3)
+
+def mult_epoch(model, optimizer, vis, ir, epoch, args, log):
+    """Pseudo-labels, then one epoch of MULT training. The epoch record, or None when DBSCAN found no cluster."""
+    stage = stage_of(epoch, args)
+    feats_v, feats_r = extract(model, vis, args), extract(model, ir, args)          # [N_v, D], [N_r, D]
+    labels_v, sim_v = cluster(feats_v, args, log, "vis", vis.pids)                  # [N_v], csr [N_v, N_v]
+    labels_r, sim_r = cluster(feats_r, args, log, "ir", ir.pids)
+    if labels_v.max() < 0 or labels_r.max() < 0:
+        return None
+    record = {"clusters_vis": int(labels_v.max()) + 1, "clusters_ir": int(labels_r.max()) + 1}
+    rng = np.random.default_rng([args.seed, epoch])
+    bank_v, bank_r = centers(feats_v, labels_v, args), centers(feats_r, labels_r, args)   # [K_v, D], [K_r, D]
+    if stage == 1:                     # intra-modality memories only (§7.2)
+        banks = {"v": cluster_memory(bank_v, args), "r": cluster_memory(bank_r, args)}
+        hard, soft = {"v": labels_v, "r": labels_r}, None
+        batches = samplers.stage_one_batches(labels_v, labels_r, args.iters[0], args.clusters, args.instances, rng)
+    else:                              # label transfer (§5), then six memories for AMIRL and OCLR (§7.3-7.5)
+        lt = associate(args.association, feats_v, feats_r, labels_v, labels_r, sim_v, sim_r, args, log)
+        record["cross_accuracy"] = diagnostics.cross_accuracies(lt, vis, ir, labels_v, labels_r)
+        if args.diagnostics and args.association == "mult":
+            ot = associate("ot", feats_v, feats_r, labels_v, labels_r, sim_v, sim_r, args)
+            record["cross_accuracy_ot"] = diagnostics.cross_accuracies(ot, vis, ir, labels_v, labels_r)
+        log(diagnostics.describe_association(args.association, record))
+        banks = {name: cluster_memory(bank_v if name in ("v", "rv", "cv") else bank_r, args)
+                 for name in ("v", "r", "rv", "vr", "cv", "cr")}
+        hard = {"vv": lt.labels_v, "rr": lt.labels_r, "vr": lt.cross_v, "rv": lt.cross_r}
+        mixed = lt.mixed(args.beta)    # CE targets β·onehot(h) + (1-β)·Y* (§5.5)
+        soft = {"vv": mixed.soft_v, "rr": mixed.soft_r, "vr": mixed.soft_cross_v, "rv": mixed.soft_cross_r}
+        batches = samplers.stage_two_batches(hard["vv"], hard["rv"], hard["vr"], hard["rr"], args.iters[1],
+                                             args.clusters, args.instances, rng)
+    loader = make_loader(vis, ir, batches, args, epoch, stage)
+    hard = {k: torch.as_tensor(v, device=args.device) for k, v in hard.items()}
+    loss, parts = train_mult(model, optimizer, loader, banks, epoch, args, hard, soft)
+    record.update(stage=stage, loss=loss, **{f"loss_{k}": v for k, v in parts.items()})
+    return record
+
+
+def train_mult(model, optimizer, loader, banks, epoch, args, hard, soft=None):
+    """MULT stage one (§7.2) when `soft` is None, else stage two (AMIRL + OCLR, §7.3-7.5): mean losses."""
+    model.train()
+    total, parts_sum = 0.0, {}
+    for it, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, file=sys.stderr)):
+        vi, ri = batch["vis_index"].to(args.device), batch["ir_index"].to(args.device)    # [B], [B]
+        f_v0, f_v1, f_r = forward_batch(model, batch, args)                                # each [B, D]
+        if soft is None:
+            loss, updates = memory.stage_one_loss(banks, f_v0, f_v1, f_r, hard["v"][vi], hard["r"][ri])
+        else:
+            rows = {k: vi if k[0] == "v" else ri for k in ("vv", "vr", "rr", "rv")}
+            loss, parts, updates = memory.stage_two_loss(
+                banks, f_v0, f_v1, f_r, {k: hard[k][r] for k, r in rows.items()},
+                {k: soft[k][r] for k, r in rows.items()}, epoch, oclr=args.oclr)
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v
+        optimise(optimizer, loss, epoch, it)
+        memory.apply_updates(banks, updates)
+        total += loss.item()
+    n = max(len(loader), 1)
+    return total / n, {k: v / n for k, v in parts_sum.items()}
+
+
+def associate(method, feats_v, feats_r, labels_v, labels_r, sim_v, sim_r, args, log=None):
+    """Cross-modality labels: MULT's label transfer (§5) or a baseline (§6), with a one-line summary."""
+    t = time.time()
+    lt = mult.associate(method, feats_v, feats_r, labels_v, labels_r, sim_v, sim_r, alpha=args.alpha,
+                        temp=args.temp, sinkhorn_lambda=args.sinkhorn_lambda)
+    if log is not None:
+        log(f"label transfer ({method}): sinkhorn iterations {lt.sinkhorn_iters}, propagation iterations "
+            f"{lt.prop_iters}, {time.time() - t:.1f} s")
+    return lt
+
+
+# ---------------------------------------------------------------------------------------------------
+# MBMIL: one epoch (docs/mbmil.md §A.2-A.5)
+
+def mbmil_epoch(model, optimizer, vis, ir, epoch, args, log):
+    """Pseudo-labels, then one epoch of MBMIL training. The epoch record, or None when DBSCAN found no cluster."""
+    stage = stage_of(epoch, args)
+    rng = np.random.default_rng([args.seed, epoch])
+    feats_v, feats_r = extract(model, vis, args), extract(model, ir, args)          # [N_v, D], [N_r, D]
+    intra_idx, glob_idx = visible_split(len(vis), args.subset_ratio, rng)
+    labels_v = np.full(len(vis), -1, dtype=np.int64)                               # outside the subset: -1
+    labels_v[intra_idx], _ = cluster(feats_v[intra_idx], args, log, "vis (intra subset)", vis.pids[intra_idx])
+    labels_r, _ = cluster(feats_r, args, log, "ir", ir.pids)
+    if labels_v.max() < 0 or labels_r.max() < 0:
+        return None
+    record = {"clusters_vis": int(labels_v.max()) + 1, "clusters_ir": int(labels_r.max()) + 1, "stage": stage}
+    intra = {"v": torch.as_tensor(labels_v, device=args.device), "r": torch.as_tensor(labels_r, device=args.device)}
+    mems = (hybrid_memory(centers(feats_v, labels_v, args), args), hybrid_memory(centers(feats_r, labels_r, args), args))
+    batches = samplers.stage_one_batches(labels_v, labels_r, args.iters[stage - 1], args.clusters,
+                                         args.instances, rng)
+    loaders, glob = [make_loader(vis, ir, batches, args, epoch, stage)], None
+    if stage == 2:
+        glob = global_pseudo_labels(feats_v, feats_r, vis, ir, glob_idx, args, log, record)
+        if glob is None:
+            return None
+        gbatches = samplers.stage_one_batches(glob["labels_v"], glob["labels_r"], args.iters[1], args.clusters,
+                                              args.instances, rng)
+        loaders.append(make_loader(vis, ir, gbatches, args, epoch + GLOBAL_STEP_SEED_OFFSET, stage))
+    record.update(train_mbmil(model, optimizer, loaders, mems, intra, glob, epoch, args))
+    return record
+
+
+def visible_split(n_v, ratio, rng):
+    """The subset rule (§A.2): the visible set split at random each epoch, one part for the intra step, the
+    complement for the global step; ratio 1.0 gives every visible image to both. -> (intra rows, global rows)."""
+    if ratio >= 1.0:
+        return np.arange(n_v), np.arange(n_v)
+    perm = rng.permutation(n_v)
+    cut = int(round(ratio * n_v))
+    return np.sort(perm[:cut]), np.sort(perm[cut:])
+
+
+def global_pseudo_labels(feats_v, feats_r, vis, ir, glob_idx, args, log, record):
+    """One modality-aware clustering over [visible subset; all infrared] (§A.2), each cluster split into a
+    visible and an infrared prototype (§A.3). A dict of labels and prototypes, or None without a cluster."""
+    n_g = len(glob_idx)
+    feats_g = torch.cat([feats_v[glob_idx], feats_r])                               # [N_g + N_r, D]
+    modality = np.r_[np.full(n_g, VIS), np.full(len(ir), IR)]
+    gt = np.r_[vis.pids[glob_idx], ir.pids]
+    g_labels, _ = cluster(feats_g, args, log, "global (modality-aware)", gt, modality=modality)
+    record["global"] = diagnostics.global_cluster_stats(g_labels, modality, gt)
+    if args.diagnostics:               # the plain Jaccard distance on the same features, for comparison
+        plain = clustering.dbscan(clustering.jaccard_similarity(feats_g, args.k1, args.k2), args.eps, args.min_samples)
+        record["global_plain"] = diagnostics.global_cluster_stats(plain, modality, gt)
+    log("global clusters: " + diagnostics.describe_global(record))
+    if g_labels.max() < 0:
+        return None
+    to_dev = lambda a: torch.as_tensor(a, device=args.device)                       # noqa: E731
+    protos, proto_labels, proto_index = memory.split_prototypes(feats_g, to_dev(g_labels), to_dev(modality))
+    labels_v = np.full(len(vis), -1, dtype=np.int64)                               # global label per visible row
+    labels_v[glob_idx] = g_labels[:n_g]
+    proto_v = torch.full((len(vis),), -1, dtype=torch.int64, device=args.device)   # prototype row per visible row
+    proto_v[to_dev(glob_idx)] = proto_index[:n_g]
+    return {"labels_v": labels_v, "labels_r": g_labels[n_g:], "v": to_dev(labels_v), "r": to_dev(g_labels[n_g:]),
+            "pv": proto_v, "pr": proto_index[n_g:], "protos": proto_labels, "memory": hybrid_memory(protos, args)}
+
+
+def train_mbmil(model, optimizer, loaders, mems, intra, glob, epoch, args):
+    """Per iteration: the intra-modality step, then (stage two) the global split-and-contrast step (§A.3)."""
+    model.train()
+    mem_v, mem_r = mems
+    sums = {"loss_intra": 0.0, "loss_global": 0.0}
+    batches = zip(*loaders) if len(loaders) == 2 else ((b, None) for b in loaders[0])
+    for it, (batch, gbatch) in enumerate(tqdm(batches, total=len(loaders[0]), desc=f"epoch {epoch}",
+                                              leave=False, file=sys.stderr)):
+        # (1) L_intra^vis + L_intra^ir: both visible views share the pseudo-label.
+        vi, ri = batch["vis_index"].to(args.device), batch["ir_index"].to(args.device)
+        f_v0, f_v1, f_r = forward_batch(model, batch, args)
+        f_v, y_v, y_r = torch.cat([f_v0, f_v1]), intra["v"][vi].repeat(2), intra["r"][ri]
+        hybrid = args.intra_loss == "hybrid"
+        loss = (memory.intra_loss(mem_v, f_v, y_v, margin=args.intra_margin, hybrid=hybrid)
+                + memory.intra_loss(mem_r, f_r, y_r, margin=args.intra_margin, hybrid=hybrid))
+        optimise(optimizer, loss, epoch, it)
+        mem_v.update(f_v.detach(), y_v)
+        mem_r.update(f_r.detach(), y_r)
+        sums["loss_intra"] += loss.item()
+        if gbatch is None:
+            continue
+        # (2) ½(L_glb^ir + L_glb^vis): multi-positive contrast over modality-specific prototypes.
+        vi, ri = gbatch["vis_index"].to(args.device), gbatch["ir_index"].to(args.device)
+        g_v0, g_v1, g_r = forward_batch(model, gbatch, args)
+        g_v = torch.cat([g_v0, g_v1])
+        mem_g = glob["memory"]
+        loss = 0.5 * (memory.global_loss(mem_g, g_r, glob["r"][ri], glob["protos"], args.hard_neg_k)
+                      + memory.global_loss(mem_g, g_v, glob["v"][vi].repeat(2), glob["protos"], args.hard_neg_k))
+        optimise(optimizer, loss, epoch, it)
+        mem_g.update(torch.cat([g_v, g_r]).detach(), torch.cat([glob["pv"][vi].repeat(2), glob["pr"][ri]]))
+        sums["loss_global"] += loss.item()
+    n = max(len(loaders[0]), 1)
+    out = {k: v / n for k, v in sums.items() if glob is not None or k == "loss_intra"}
+    return dict(out, loss=sum(out.values()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Steps both methods share
+
+def stage_of(epoch, args):
+    return 1 if epoch < args.stage_one_epochs else 2
+
+
+def extract(model, images, args):
+    """Eval features of every image of one modality, no flip (the clustering input): [N, D] on the device."""
+    model.eval()
+    return evaluate.extract_features(model.modality_fn(), images, args.height, args.width, device=args.device,
+                                     batch_size=args.extract_batch, flip=False, num_workers=args.workers,
+                                     desc=f"features {'vis' if images.modality == VIS else 'ir'}").to(args.device)
+
+
+def cluster(feats, args, log, name, gt=None, modality=None):
+    """Jaccard + DBSCAN (docs/mult.md §4) -> (labels int64 [N], similarity csr) with a one-line summary."""
+    t = time.time()
+    sim = clustering.jaccard_similarity(feats, args.k1, args.k2, modality=modality)
+    labels = clustering.dbscan(sim, args.eps, args.min_samples)
+    log(diagnostics.describe_clusters(name, labels, gt) + f", {time.time() - t:.1f} s")
+    return labels, sim
+
+
+def centers(feats, labels, args):
+    """Cluster means [K, D] of the features (outliers left out), the memories' initial entries."""
+    return clustering.cluster_centers(feats, torch.as_tensor(labels, device=args.device))
+
+
+def cluster_memory(entries, args):
+    return memory.ClusterMemory(entries, momentum=args.momentum, temp=args.temp)
+
+
+def hybrid_memory(entries, args):
+    return memory.HybridMemory(entries, momentum=args.momentum, temp=args.temp)
+
+
+def make_loader(vis, ir, batches, args, epoch, stage):
+    """The epoch's batches as a DataLoader; the augmentations are seeded by (--seed, epoch)."""
+    tfm = transforms.train_transforms(args.height, args.width, 2 if args.augment == "light" else stage,
+                                      method=args.method, pad=transforms.crop_pad(args.height))
+    data = TrainBatches(vis, ir, tfm, batches, seed=epoch_seed(args, epoch))
+    return DataLoader(data, batch_size=None, shuffle=False, num_workers=args.workers,
+                      persistent_workers=False)
+
+
+def epoch_seed(args, epoch):
+    return int(np.random.SeedSequence([args.seed, epoch, 0]).generate_state(1)[0])
+
+
+def forward_batch(model, batch, args):
+    """One forward of the two visible views and the IR images: (f_v0, f_v1, f_r), each [B, D]."""
+    v0, v1, r = (batch[k].to(args.device, non_blocking=True) for k in ("v0", "v1", "r"))
+    with torch.autocast(device_type=torch.device(args.device).type, enabled=args.amp):
+        f = model(torch.cat([v0, v1]), r).float()
+    b = v0.shape[0]
+    return f[:b], f[b:2 * b], f[2 * b:]
+
+
+def optimise(optimizer, loss, epoch, it):
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, iteration {it}: stopping. The last "
+                                 f"good checkpoint is last.pth of the previous epoch; try a lower --lr or --amp off.")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def make_optimizer(model, args):
+    """Adam, two parameter groups (BN-neck and the rest) at the same lr (docs/mult.md §8)."""
+    neck = [p for p in model.bnneck.parameters() if p.requires_grad]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("bnneck.")]
+    return torch.optim.Adam([{"params": rest}, {"params": neck}], lr=args.lr, weight_decay=args.weight_decay)
+
+
+def learning_rate(epoch, args):
+    """Step schedule x0.1 at each of --lr-steps: MULT keys it on the absolute epoch (§8); MBMIL restarts it
+    in stage two (a fresh stage-two run in the official code)."""
+    if args.method == "mbmil" and epoch >= args.stage_one_epochs:
+        epoch -= args.stage_one_epochs
+    return args.lr * 0.1 ** sum(epoch >= s for s in args.lr_steps)
+
+
+def run_evaluation(model, args, trials):
+    """The official protocol of the dataset: SYSU all + indoor single-shot, or RegDB V->T and T->V."""
+    fn = model.modality_fn()
+    common = dict(height=args.height, width=args.width, device=args.device, batch_size=args.extract_batch,
+                  num_workers=args.workers)
+    model.eval()
+    if args.dataset == "regdb":
+        return evaluate.evaluate_regdb(fn, args.data_root, args.trial, **common)
+    return evaluate.evaluate_sysu(fn, args.data_root, trials=range(trials), **common)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop
+
+def main(args):
+    args = resolve_args(args)
+    preset = preset_args(args)
+    plan = runs.plan_run(args, preset, learning_rate)        # every refusal about the folder; nothing written yet
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        vis, ir = load_training_set(args)
+        test_sets = runs.check_test_set(args)
+    if args.check_images:
+        runs.check_images([vis, ir] + test_sets, args)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    model, weights = build_model(args)
+    optimizer = make_optimizer(model, args)
+    start, history, untrained = 0, [], None
+    if plan["mode"] != "fresh":
+        ckpt = plan["ckpt"]
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        start, history, untrained = ckpt["epoch"], ckpt["history"], ckpt.get("untrained")
+
+    log = runs.open_run_folder(args, plan, history, preset)  # every check has passed: only now is it written
+    log_start(log, args, preset, plan, caught, vis, ir, weights, start)
+    if plan["mode"] == "fresh" and args.eval_untrained:
+        untrained = run_evaluation(model, args, args.eval_trials)
+        log("untrained model (reference for the learning curve):\n" + evaluate.format_table(untrained))
+    results = None
+    for epoch in range(start, args.epochs):
+        t0 = time.time()
+        if args.method == "mbmil" and epoch == args.stage_one_epochs and epoch > 0:
+            optimizer = make_optimizer(model, args)  # stage two starts a fresh optimiser (§A.4)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(epoch, args)
+        step = mult_epoch if args.method == "mult" else mbmil_epoch
+        record = step(model, optimizer, vis, ir, epoch, args, log)
+        if record is None:
+            log(f"epoch {epoch}: DBSCAN found no cluster (eps {args.eps}); this epoch trains nothing and the model "
+                f"is unchanged. If this persists, raise --eps or check the features.")
+            record = {"stage": stage_of(epoch, args), "skipped": "no clusters"}
+        last = epoch == args.epochs - 1
+        if last or (epoch + 1) % args.eval_every == 0:
+            results = run_evaluation(model, args, args.eval_trials if last else 1)
+            record["eval"] = {name: round(r["mean"]["mAP"], 2) for name, r in results.items()}
+        record.update(epoch=epoch, lr=learning_rate(epoch, args), time=round(time.time() - t0, 1))
+        history.append(record)
+        log(f"epoch {epoch} (stage {record['stage']}): " + ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+            if k not in ("epoch", "stage", "cross_accuracy_ot", "global", "global_plain")))
+        # The checkpoint first, then the metrics line: a crash between the two leaves a line missing,
+        # which the resume rewrites from the checkpoint's history, never one line twice.
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                 "args": vars(args), "history": history, "untrained": untrained,
+                 "torch_rng": torch.get_rng_state(), "results": results if last else None,
+                 "log_bytes": log.size()}
+        save_checkpoint(state, os.path.join(args.out, "last.pth"))
+        if epoch + 1 == args.stage_one_epochs:   # the branching point of stage-two ablations (--init-from)
+            save_checkpoint(dict(state, stage_one_end=True), os.path.join(args.out, "stage1.pth"))
+        log.metrics(record)
+    if results is None:  # a finished run resumed: evaluate its final model
+        results = run_evaluation(model, args, args.eval_trials)
+    report(results, untrained, history, args, log)
+    return results
+
+
+def build_model(args):
+    """The two-stream network with its initial weights -> (model on the device, the weights' source)."""
+    weights = args.pretrained
+    if weights == "synthetic":  # the ImageNet stand-in of the CPU demo (pretrain.py)
+        from pretrain import ensure_pretrained
+        weights = ensure_pretrained(os.path.join(os.path.dirname(os.path.normpath(args.data_root)),
+                                                 "synthetic-pretrain"), arch=args.arch, height=args.height,
+                                    width=args.width, device=args.device)
+    return TwoStreamNet(args.arch, weights).to(args.device), weights
+
+
+def log_start(log, args, preset, plan, caught, vis, ir, weights, start):
+    """The first lines of a run's log: its flags, how it differs from the preset, its data, how it starts."""
+    log("arguments: " + json.dumps(vars(args)))
+    changed = runs.changed_flags(args, preset)
+    log(f"run folder {args.out}: " + ("the preset configuration" if not changed else "off the preset in " + ", ".join(
+        f"--{k.replace('_', '-')} {runs.describe(v)}" for k, (_, v) in changed.items())))
+    for w in caught:
+        log(f"warning: {w.message}")
+    log(f"data: {args.dataset} at {args.data_root}: {len(vis)} vis and {len(ir)} ir training images")
+    if args.pretrained == "synthetic":
+        log(f"initial weights: {weights} (supervised on a disjoint synthetic population, "
+            "one class per identity and modality)")
+    if plan["mode"] == "resume":
+        log(f"resumed from {plan['path']}: epochs 0..{start - 1} done, continuing at epoch {start}")
+    elif plan["mode"] == "init":
+        log(f"initialised from {plan['path']}: stage one (epochs 0..{start - 1}) shared, stage two starts here")
+
+
+def report(results, untrained, history, args, log):
+    if untrained is not None:
+        log("untrained model:\n" + evaluate.format_table(untrained))
+    log(f"final model (last epoch, {history[-1]['epoch']}):\n" + evaluate.format_table(results))
+    if args.select_on_test:
+        scored = [r for r in history if "eval" in r]
+        best = max(scored, key=lambda r: next(iter(r["eval"].values())))
+        log(f"[model selection on the TEST set, not a valid protocol] best epoch {best['epoch']}: {best['eval']}")
+    runs.write_atomic(os.path.join(args.out, "results.json"),
+                      json.dumps({"final": results, "untrained": untrained}, indent=2))
+
+
+def load_training_set(args):
+    """(vis, ir) ImageLists of the training split; renders the synthetic set if needed."""
+    if args.dataset == "regdb":
+        from data.regdb import regdb_train
+        return regdb_train(args.data_root, args.trial)
+    from data.sysu import SYSU_TRAIN_COUNTS, sysu_train
+    expected = SYSU_TRAIN_COUNTS
+    if args.dataset == "synthetic":
+        from data.synthetic import META, ensure_synthetic
+        meta_path = os.path.join(args.data_root, META)
+        rendered = {}
+        if os.path.isfile(meta_path):  # a set rendered before, possibly with other sizes: keep them
+            with open(meta_path) as f:
+                meta = json.load(f)
+            if meta.get("layout") != "sysu":   # never overwrite another layout's set
+                raise SystemExit(f"{meta_path}: a synthetic set in the {meta.get('layout')!r} layout; "
+                                 "--dataset synthetic reads the SYSU-MM01 layout (python -m data.synthetic --out DIR)")
+            rendered = meta["args"]
+        # renders the default demo set if it is missing, or again if it is of an older format
+        expected = ensure_synthetic(args.data_root, progress=True, **rendered)["train_counts"]
+    return sysu_train(args.data_root, expected=None if args.allow_count_mismatch else expected)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Flags: presets, then checks (before anything is read or written)
+
 def resolve_args(args):
     """Fill every flag left unset from the presets, check every flag, name the run folder."""
     args = fill_presets(args)
     check_flags(args)
     if args.out is None:
-        args.out = default_out(args)
+        args.out = runs.default_out(args, preset_args(args))
     return args
 
 
@@ -146,11 +561,18 @@ def fill_presets(args):
     args.lr_steps = parse_ints(args.lr_steps, "--lr-steps", minimum=0)
     if args.dataset != "regdb":
         args.trial = None
-    if args.eval_untrained is None:
-        args.eval_untrained = args.dataset == "synthetic"
+    for flag in ("eval_untrained", "diagnostics"):   # the demo's extras
+        if getattr(args, flag) is None:
+            setattr(args, flag, args.dataset == "synthetic")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args
+
+
+def preset_args(args):
+    """The result flags the presets give for this method, dataset and trial."""
+    argv = ["--method", args.method, "--dataset", args.dataset] + (["--trial", str(args.trial)] if args.trial else [])
+    return runs.result_args(fill_presets(get_args_parser().parse_args(argv)))
 
 
 def parse_ints(text, flag, minimum):
@@ -202,638 +624,9 @@ def check_flags(args):
     need(not args.overwrite or args.resume == "none", "--overwrite", "used with --resume none")
 
 
-# ---------------------------------------------------------------------------------------------------
-# Run folder: one configuration per folder; resume, branch, never overwrite unasked.
-
-# Flags that cannot change what a run computes or reports: they may differ between a run and its resume.
-RUNTIME_FLAGS = frozenset({"out", "resume", "overwrite", "init_from", "check_images", "workers", "device",
-                           "threads", "extract_batch", "eval_every", "eval_untrained", "select_on_test",
-                           "allow_count_mismatch"})
-# Flags that stage one never reads: a stage two may branch off a shared stage one with other values.
-STAGE_TWO_FLAGS = frozenset({"association", "oclr", "alpha", "beta", "sinkhorn_lambda", "hard_neg_k",
-                             "epochs", "eval_trials", "iters", "lr_steps"})   # iters, lr_steps: compared per stage
-RUN_FILES = ("last.pth", "stage1.pth", "results.json", "metrics.jsonl", "log.txt", "args.json")
-
-
-def result_args(args):
-    """The flags that decide a run's result, {name: value}."""
-    return {k: v for k, v in sorted(vars(args).items()) if k not in RUNTIME_FLAGS}
-
-
-def preset_args(args):
-    """The result flags the presets give for this method, dataset and trial."""
-    argv = ["--method", args.method, "--dataset", args.dataset] + (["--trial", str(args.trial)] if args.trial else [])
-    return result_args(fill_presets(get_args_parser().parse_args(argv)))
-
-
-def changed_flags(args):
-    """{flag: (preset value, this run's value)} for every result flag off its preset."""
-    preset = preset_args(args)
-    return {k: (preset.get(k), v) for k, v in result_args(args).items() if preset.get(k) != v}
-
-
-def default_out(args):
-    """runs/<method>_<dataset>[_trial<t>], then one tag per flag off its preset (--seed 2 -> seed-2,
-    --no-oclr -> no-oclr, a path -> data-root-<hash>), so every configuration has its own folder."""
-    tags = []
-    for key, (_, value) in changed_flags(args).items():
-        name = key.replace("_", "-")
-        if isinstance(value, bool):
-            tags.append(name if value else f"no-{name}")
-            continue
-        text = ",".join(map(str, value)) if isinstance(value, list) else f"{value:g}" if isinstance(value, float) \
-            else str(value)
-        safe = len(text) <= 24 and all(c.isalnum() or c in ".,+-" for c in text)
-        tags.append(f"{name}-{text if safe else short_hash(text)}")
-    name = "_".join([f"{args.method}_{args.dataset}" + (f"_trial{args.trial}" if args.trial else "")] + tags)
-    if len(name) > 120:
-        name = f"{args.method}_{args.dataset}" + (f"_trial{args.trial}" if args.trial else "") + \
-            "_cfg-" + short_hash(json.dumps(changed_flags(args), sort_keys=True, default=str))
-    return os.path.join("runs", name)
-
-
-def short_hash(text):
-    return hashlib.sha1(text.encode()).hexdigest()[:8]
-
-
-def describe(value):
-    """A flag's value as it is typed: 300,200 for a list, the text of a string."""
-    return ",".join(map(str, value)) if isinstance(value, list) else value if isinstance(value, str) \
-        else json.dumps(value)
-
-
-def check_same_run(saved, args, path, keys, what):
-    """Refuse `path` when a flag among `keys` differs from the run it was written by (naming each)."""
-    preset = preset_args(args)
-    current = result_args(args)
-    diffs = [f"--{k.replace('_', '-')} {describe(saved.get(k, preset.get(k)))} (saved) vs "
-             f"{describe(current[k])} (now)" for k in keys if saved.get(k, preset.get(k)) != current[k]]
-    if diffs:
-        raise SystemExit(f"train.py: error: {path} {what}, but these flags differ: " + "; ".join(diffs) +
-                         ". Run the other configuration in its own folder (drop --out for the default "
-                         "one), or give the same flags.")
-
-
-def stage_one_view(run):
-    """What stage one computes from, for comparing a stage1.pth with a new run's flags."""
-    return {"iters_stage_one": run["iters"][0],
-            "lr_stage_one": [learning_rate(e, argparse.Namespace(**run)) for e in range(run["stage_one_epochs"])]}
-
-
-def plan_run(args):
-    """Decide, before anything is written, how this run starts: a dict with "mode" (fresh, resume,
-    init) and the checkpoint to start from. Every refusal comes from here."""
-    own = os.path.join(args.out, "last.pth")
-    present = [f for f in ("last.pth", "stage1.pth", "results.json") if os.path.isfile(os.path.join(args.out, f))]
-    if args.resume == "none":
-        if present and not args.overwrite:
-            raise SystemExit(f"train.py: error: --resume none, but {args.out} already holds a run "
-                             f"({', '.join(present)}); add --overwrite to replace it, or give another --out")
-        return {"mode": "fresh", "replace": bool(present)}
-    path = own if args.resume == "auto" else args.resume
-    if args.resume != "auto" and os.path.abspath(path) != os.path.abspath(own) and present:
-        raise SystemExit(f"train.py: error: --resume {path}: {args.out} already holds another run "
-                         f"({', '.join(present)}); give another --out")
-    if os.path.isfile(path):
-        ckpt = load_checkpoint(path, method=args.method, dataset=args.dataset, trial=args.trial)
-        keys = [k for k in result_args(args) if k != "epochs"]
-        check_same_run(ckpt["args"], args, path, keys, "was written by a run with other flags")
-        if args.epochs < ckpt["epoch"]:
-            raise SystemExit(f"train.py: error: --epochs {args.epochs}, but {path} has {ckpt['epoch']} epochs "
-                             f"done; give --epochs >= {ckpt['epoch']} (or another --out)")
-        return {"mode": "resume", "path": path, "ckpt": ckpt, "own": path == own}
-    if present:   # results.json or stage1.pth without last.pth: not a state this code leaves
-        raise SystemExit(f"train.py: error: {args.out} holds {', '.join(present)} but no last.pth to resume "
-                         f"from; give another --out, or --resume none --overwrite to replace it")
-    if args.init_from:
-        ckpt = load_checkpoint(args.init_from, method=args.method, dataset=args.dataset, trial=args.trial)
-        if ckpt.get("stage_one_end") is not True or ckpt["epoch"] != args.stage_one_epochs:
-            raise SystemExit(f"train.py: error: --init-from {args.init_from}: expected a stage1.pth written at the "
-                             f"end of stage one (--stage-one-epochs {args.stage_one_epochs}); it holds "
-                             f"{ckpt['epoch']} epochs")
-        saved = dict(ckpt["args"], **stage_one_view(ckpt["args"]))
-        view = argparse.Namespace(**dict(vars(args), **stage_one_view(vars(args))))
-        keys = [k for k in result_args(args) if k not in STAGE_TWO_FLAGS]
-        check_same_run(saved, view, args.init_from, keys + list(stage_one_view(vars(args))),
-                       "holds a stage one trained with other flags")
-        return {"mode": "init", "path": args.init_from, "ckpt": ckpt}
-    return {"mode": "fresh", "replace": False}
-
-
-def open_run_folder(args, plan, history):
-    """Create or continue the folder: log.txt and metrics.jsonl hold exactly the checkpoint's epochs
-    (lines an interrupted epoch wrote are cut), args.json the resolved flags. Returns the Log."""
-    os.makedirs(args.out, exist_ok=True)
-    if plan.get("replace"):             # --resume none --overwrite
-        for name in RUN_FILES:
-            if os.path.isfile(os.path.join(args.out, name)):
-                os.remove(os.path.join(args.out, name))
-    log_path = os.path.join(args.out, "log.txt")
-    keep = plan["ckpt"].get("log_bytes", 0) if plan.get("own") else 0
-    if os.path.isfile(log_path) and os.path.getsize(log_path) > keep:
-        with open(log_path, "r+b") as f:
-            f.truncate(keep)
-    write_atomic(os.path.join(args.out, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in history))
-    record = dict(vars(args), changed_from_preset={k: list(v) for k, v in changed_flags(args).items()})
-    write_atomic(os.path.join(args.out, "args.json"), json.dumps(record, indent=1, default=str))
-    return Log(args.out)
-
-
-def write_atomic(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
-class Log:
-    """Prints a line and appends it to <out>/log.txt; metrics go to <out>/metrics.jsonl."""
-
-    def __init__(self, out):
-        self.out = out
-
-    def __call__(self, msg):
-        tqdm.write(msg)
-        with open(os.path.join(self.out, "log.txt"), "a") as f:
-            f.write(msg + "\n")
-
-    def size(self):
-        path = os.path.join(self.out, "log.txt")
-        return os.path.getsize(path) if os.path.isfile(path) else 0
-
-    def metrics(self, record):
-        with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Data
-
-def load_training_set(args):
-    """(vis, ir) ImageLists of the training split; renders the synthetic set if needed."""
-    if args.dataset == "regdb":
-        from data.regdb import regdb_train
-        return regdb_train(args.data_root, args.trial)
-    from data.sysu import SYSU_TRAIN_COUNTS, sysu_train
-    expected = SYSU_TRAIN_COUNTS
-    if args.dataset == "synthetic":
-        from data.synthetic import META, ensure_synthetic
-        meta_path = os.path.join(args.data_root, META)
-        rendered = {}
-        if os.path.isfile(meta_path):  # a set rendered before, possibly with other sizes: keep them
-            with open(meta_path) as f:
-                meta = json.load(f)
-            if meta.get("layout") != "sysu":   # never overwrite another layout's set
-                raise SystemExit(f"{meta_path}: a synthetic set in the {meta.get('layout')!r} layout; "
-                                 "--dataset synthetic reads the SYSU-MM01 layout (python -m data.synthetic --out DIR)")
-            rendered = meta["args"]
-        # renders the default demo set if it is missing, or again if it is of an older format
-        expected = ensure_synthetic(args.data_root, progress=True, **rendered)["train_counts"]
-    return sysu_train(args.data_root, expected=None if args.allow_count_mismatch else expected)
-
-
-def check_test_set(args):
-    """The test protocol's images as ImageLists, listed now so that a missing file or split, or a query
-    set without one match in its gallery, stops the run before training rather than after it."""
-    if args.dataset == "regdb":
-        from data.regdb import regdb_test
-        settings = {d: regdb_test(args.data_root, args.trial, direction=d) for d in ("v2t", "t2v")}
-    else:
-        from data.sysu import sysu_test
-        settings = {f"{mode} trial {t}": sysu_test(args.data_root, mode=mode, trial=t)
-                    for mode in ("all", "indoor") for t in range(args.eval_trials)}
-    for name, (query, gallery) in settings.items():
-        if not np.isin(query.pids, gallery.pids).any():
-            raise ValueError(f"test set under {args.data_root} ({name}): no query identity appears in the "
-                             f"gallery, so no query can be scored; check the test split's labels")
-    lists = [images for pair in settings.values() for images in pair]
-    seen, unique = set(), []
-    for images in lists:               # one ImageList per distinct set of paths (SYSU repeats them per trial)
-        new = [i for i, p in enumerate(images.paths) if p not in seen]
-        seen.update(images.paths)
-        if new:
-            unique.append(images.subset(new))
-    return unique
-
-
-class _Decode(torch.utils.data.Dataset):
-    """Decodes image i; returns "" or the error message (a worker never raises)."""
-
-    def __init__(self, paths):
-        self.paths = paths
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        try:
-            read_image(self.paths[i])
-            return ""
-        except OSError as err:
-            return str(err)
-
-
-def check_images(lists, args):
-    """Decode every image of `lists` once, in --workers processes; ValueError naming the bad files."""
-    paths = [p for images in lists for p in images.paths]
-    t = time.time()
-    loader = DataLoader(_Decode(paths), batch_size=64, num_workers=args.workers, collate_fn=list)
-    errors = [e for batch in tqdm(loader, desc="checking images", unit="batch", file=sys.stderr) for e in batch if e]
-    if errors:
-        raise ValueError(f"{len(errors)} of {len(paths)} training and test images cannot be used: " +
-                         "; ".join(errors[:3]) + ("; ..." if len(errors) > 3 else ""))
-    tqdm.write(f"checked {len(paths)} images in {time.time() - t:.1f} s")
-
-
-def run_evaluation(model, args, trials):
-    """The official protocol of the dataset: SYSU all + indoor single-shot, or RegDB V->T and T->V."""
-    fn = model.modality_fn()
-    common = dict(height=args.height, width=args.width, device=args.device, batch_size=args.extract_batch,
-                  num_workers=args.workers)
-    model.eval()
-    if args.dataset == "regdb":
-        return evaluate.evaluate_regdb(fn, args.data_root, args.trial, **common)
-    return evaluate.evaluate_sysu(fn, args.data_root, trials=range(trials), **common)
-
-
-def headline(results):
-    """{setting: mean mAP} of an evaluation result, for the one-line epoch summary."""
-    return {name: round(r["mean"]["mAP"], 2) for name, r in results.items()}
-
-
-def extract(model, images, args):
-    model.eval()
-    return evaluate.extract_features(model.modality_fn(), images, args.height, args.width, device=args.device,
-                                     batch_size=args.extract_batch, flip=False, num_workers=args.workers,
-                                     desc=f"features {'vis' if images.modality == VIS else 'ir'}").to(args.device)
-
-
-def cluster(feats, args, log, name, gt=None, modality=None):
-    """Jaccard + DBSCAN (docs/mult.md §4) -> (labels int64 [N], similarity csr) with a one-line summary."""
-    t = time.time()
-    sim = clustering.jaccard_similarity(feats, args.k1, args.k2, modality=modality)
-    labels = clustering.dbscan(sim, args.eps, args.min_samples)
-    k = int(labels.max()) + 1
-    msg = f"clustering {name}: {k} clusters, {100 * np.mean(labels < 0):.1f}% outliers"
-    if gt is not None:
-        prec, rec = evaluate.pair_precision_recall(labels, gt)
-        msg += f", pair precision {100 * prec:.1f}% recall {100 * rec:.1f}% (ground truth, diagnostics only)"
-    log(msg + f", {time.time() - t:.1f} s")
-    return labels, sim
-
-
-# ---------------------------------------------------------------------------------------------------
-# Training epochs
-
-def make_loader(vis, ir, batches, args, epoch, stage):
-    tfm = transforms.train_transforms(args.height, args.width, 2 if args.augment == "light" else stage,
-                                      method=args.method, pad=max(1, round(10 * args.height / 288)))
-    data = TrainBatches(vis, ir, tfm, batches, seed=epoch_seed(args, epoch))
-    return DataLoader(data, batch_size=None, shuffle=False, num_workers=args.workers,
-                      persistent_workers=False)
-
-
-def epoch_seed(args, epoch, salt=0):
-    return int(np.random.SeedSequence([args.seed, epoch, salt]).generate_state(1)[0])
-
-
-def forward_batch(model, batch, args):
-    """One forward of the two visible views and the IR images: (f_v0, f_v1, f_r), each [B, D]."""
-    v0, v1, r = (batch[k].to(args.device, non_blocking=True) for k in ("v0", "v1", "r"))
-    with torch.autocast(device_type=torch.device(args.device).type, enabled=args.amp):
-        f = model(torch.cat([v0, v1]), r).float()
-    b = v0.shape[0]
-    return f[:b], f[b:2 * b], f[2 * b:]
-
-
-def optimise(optimizer, loss, epoch, it):
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, iteration {it}: stopping. The last "
-                                 f"good checkpoint is last.pth of the previous epoch; try a lower --lr or --amp off.")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-
-
-def train_mult_epoch(model, optimizer, loader, banks, epoch, args, labels, soft=None):
-    """MULT stage one (§7.2) when `soft` is None, else stage two (AMIRL + OCLR, §7.3-7.5)."""
-    model.train()
-    total, parts_sum = 0.0, {}
-    for it, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, file=sys.stderr)):
-        vi, ri = batch["vis_index"].to(args.device), batch["ir_index"].to(args.device)
-        f_v0, f_v1, f_r = forward_batch(model, batch, args)
-        if soft is None:
-            loss, updates = memory.stage_one_loss(banks, f_v0, f_v1, f_r, labels["v"][vi], labels["r"][ri])
-        else:
-            hard = {k: labels[k][vi if k[0] == "v" else ri] for k in ("vv", "vr", "rr", "rv")}
-            target = {k: soft[k][vi if k[0] == "v" else ri] for k in ("vv", "vr", "rr", "rv")}
-            loss, parts, updates = memory.stage_two_loss(banks, f_v0, f_v1, f_r, hard, target, epoch, oclr=args.oclr)
-            for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + v
-        optimise(optimizer, loss, epoch, it)
-        memory.apply_updates(banks, updates)
-        total += loss.item()
-    n = max(len(loader), 1)
-    return total / n, {k: v / n for k, v in parts_sum.items()}
-
-
-def mult_epoch(model, optimizer, vis, ir, epoch, args, log):
-    """Pseudo-labels + one epoch of MULT. Returns the epoch record, or None when DBSCAN found no cluster."""
-    stage = 1 if epoch < args.stage_one_epochs else 2
-    feats_v, feats_r = extract(model, vis, args), extract(model, ir, args)
-    labels_v, sim_v = cluster(feats_v, args, log, "vis", vis.pids)
-    labels_r, sim_r = cluster(feats_r, args, log, "ir", ir.pids)
-    if labels_v.max() < 0 or labels_r.max() < 0:
-        return None
-    rng = np.random.default_rng([args.seed, epoch])
-    to_dev = lambda a: torch.as_tensor(a, device=args.device)
-    centers_v = clustering.cluster_centers(feats_v, to_dev(labels_v))
-    centers_r = clustering.cluster_centers(feats_r, to_dev(labels_r))
-    make = lambda c: memory.ClusterMemory(c, momentum=args.momentum, temp=args.temp)
-    record = {"clusters_vis": int(labels_v.max()) + 1, "clusters_ir": int(labels_r.max()) + 1}
-    if stage == 1:
-        banks = {"v": make(centers_v), "r": make(centers_r)}
-        batches = samplers.stage_one_batches(labels_v, labels_r, args.iters[0], args.clusters, args.instances, rng)
-        labels, soft = {"v": to_dev(labels_v), "r": to_dev(labels_r)}, None
-    else:
-        t = time.time()
-        lt = associate(args.association, feats_v, feats_r, labels_v, labels_r, sim_v, sim_r, args)
-        msg = (f"label transfer ({args.association}): sinkhorn iterations {lt.sinkhorn_iters}, propagation "
-               f"iterations {lt.prop_iters}, {time.time() - t:.1f} s")
-        record["cross_accuracy"] = acc = cross_accuracies(lt, vis, ir, labels_v, labels_r)
-        msg += f"; cross-label accuracy vis->ir {100 * acc['vis']:.1f}% ir->vis {100 * acc['ir']:.1f}%"
-        if args.association == "mult" and args.dataset == "synthetic":  # same features, the OT baseline
-            ot = associate("ot", feats_v, feats_r, labels_v, labels_r, sim_v, sim_r, args)
-            record["cross_accuracy_ot"] = acc_ot = cross_accuracies(ot, vis, ir, labels_v, labels_r)
-            msg += f" (OT on the same features: {100 * acc_ot['vis']:.1f}% / {100 * acc_ot['ir']:.1f}%)"
-        log(msg)
-        banks = {"v": make(centers_v), "r": make(centers_r), "rv": make(centers_v), "vr": make(centers_r),
-                 "cv": make(centers_v), "cr": make(centers_r)}
-        hard = {"vv": lt.labels_v, "rr": lt.labels_r, "vr": lt.cross_v, "rv": lt.cross_r}
-        batches = samplers.stage_two_batches(hard["vv"], hard["rv"], hard["vr"], hard["rr"], args.iters[1],
-                                             args.clusters, args.instances, rng)
-        labels = {k: to_dev(v) for k, v in hard.items()}
-        mixed = lt.mixed(args.beta)  # CE targets β·onehot(h) + (1-β)·Y* (§5.5)
-        soft = {"vv": mixed.soft_v, "rr": mixed.soft_r, "vr": mixed.soft_cross_v, "rv": mixed.soft_cross_r}
-    loader = make_loader(vis, ir, batches, args, epoch, stage)
-    loss, parts = train_mult_epoch(model, optimizer, loader, banks, epoch, args, labels, soft)
-    record.update(stage=stage, loss=loss, **{f"loss_{k}": v for k, v in parts.items()})
-    return record
-
-
-def associate(method, feats_v, feats_r, labels_v, labels_r, sim_v, sim_r, args):
-    return mult.associate(method, feats_v, feats_r, labels_v, labels_r, sim_v, sim_r, alpha=args.alpha,
-                          temp=args.temp, sinkhorn_lambda=args.sinkhorn_lambda)
-
-
-def cross_accuracies(lt, vis, ir, labels_v, labels_r):
-    """Share of samples whose cross-modality label names a cluster of their own identity (diagnostics)."""
-    return {"vis": evaluate.cross_label_accuracy(lt.cross_v, vis.pids, labels_r, ir.pids),
-            "ir": evaluate.cross_label_accuracy(lt.cross_r, ir.pids, labels_v, vis.pids)}
-
-
-def mbmil_epoch(model, optimizer, vis, ir, epoch, args, log):
-    """Pseudo-labels + one epoch of MBMIL (docs/mbmil.md §A.2-A.5). None when DBSCAN found no cluster."""
-    stage = 1 if epoch < args.stage_one_epochs else 2
-    rng = np.random.default_rng([args.seed, epoch])
-    feats_v, feats_r = extract(model, vis, args), extract(model, ir, args)
-    # Subset rule (§A.2): the visible set is split at random each epoch, one part for the intra-modality
-    # step, the complement for the global step (ratio 1.0: both use every visible image).
-    n_v = len(vis)
-    if args.subset_ratio < 1.0:
-        perm = rng.permutation(n_v)
-        cut = int(round(args.subset_ratio * n_v))
-        intra_idx, glob_idx = np.sort(perm[:cut]), np.sort(perm[cut:])
-    else:
-        intra_idx = glob_idx = np.arange(n_v)
-    labels_v = np.full(n_v, -1, dtype=np.int64)
-    labels_v[intra_idx], _ = cluster(feats_v[intra_idx], args, log, "vis (intra subset)", vis.pids[intra_idx])
-    labels_r, _ = cluster(feats_r, args, log, "ir", ir.pids)
-    if labels_v.max() < 0 or labels_r.max() < 0:
-        return None
-    to_dev = lambda a: torch.as_tensor(a, device=args.device)
-    hybrid = lambda c: memory.HybridMemory(c, momentum=args.momentum, temp=args.temp)
-    mem_v = hybrid(clustering.cluster_centers(feats_v, to_dev(labels_v)))
-    mem_r = hybrid(clustering.cluster_centers(feats_r, to_dev(labels_r)))
-    batches = samplers.stage_one_batches(labels_v, labels_r, args.iters[stage - 1], args.clusters,
-                                         args.instances, rng)
-    loaders = [make_loader(vis, ir, batches, args, epoch, stage)]
-    record = {"clusters_vis": int(labels_v.max()) + 1, "clusters_ir": int(labels_r.max()) + 1, "stage": stage}
-    if stage == 2:
-        n_g = len(glob_idx)
-        feats_g = torch.cat([feats_v[glob_idx], feats_r])                     # [N_g + N_r, D]
-        modality = np.r_[np.full(n_g, VIS), np.full(len(ir), IR)]
-        gt = np.r_[vis.pids[glob_idx], ir.pids]
-        g_labels, _ = cluster(feats_g, args, log, "global (modality-aware)", gt, modality=modality)
-        record["global"] = global_cluster_stats(g_labels, modality, gt)
-        if args.dataset == "synthetic":  # the plain Jaccard on the same features, for comparison
-            plain = clustering.dbscan(clustering.jaccard_similarity(feats_g, args.k1, args.k2), args.eps,
-                                      args.min_samples)
-            record["global_plain"] = global_cluster_stats(plain, modality, gt)
-        log("global clusters: " + describe_global(record))
-        if g_labels.max() < 0:
-            return None
-        centers, proto_labels, proto_index = memory.split_prototypes(feats_g, to_dev(g_labels), to_dev(modality))
-        mem_g = hybrid(centers)
-        glob_v = np.full(n_v, -1, dtype=np.int64)
-        glob_v[glob_idx] = g_labels[:n_g]
-        proto_v = torch.full((n_v,), -1, dtype=torch.int64, device=args.device)
-        proto_v[to_dev(glob_idx)] = proto_index[:n_g]
-        glob = {"v": to_dev(glob_v), "r": to_dev(g_labels[n_g:]), "pv": proto_v, "pr": proto_index[n_g:],
-                "protos": proto_labels}
-        gbatches = samplers.stage_one_batches(glob_v, g_labels[n_g:], args.iters[1], args.clusters,
-                                              args.instances, rng)
-        loaders.append(make_loader(vis, ir, gbatches, args, epoch + 100_000, stage))
-    intra = {"v": to_dev(labels_v), "r": to_dev(labels_r)}
-    loss = train_mbmil_epoch(model, optimizer, loaders, (mem_v, mem_r), mem_g if stage == 2 else None,
-                             intra, glob if stage == 2 else None, epoch, args)
-    record.update(loss)
-    return record
-
-
-def train_mbmil_epoch(model, optimizer, loaders, intra_mems, mem_g, intra, glob, epoch, args):
-    """Per iteration: the intra-modality step, then (stage two) the global split-and-contrast step (§A.3)."""
-    model.train()
-    mem_v, mem_r = intra_mems
-    sums = {"loss_intra": 0.0, "loss_global": 0.0}
-    batches = zip(*loaders) if len(loaders) == 2 else ((b, None) for b in loaders[0])
-    for it, (batch, gbatch) in enumerate(tqdm(batches, total=len(loaders[0]), desc=f"epoch {epoch}",
-                                              leave=False, file=sys.stderr)):
-        # (1) L_intra^vis + L_intra^ir: both visible views share the pseudo-label.
-        vi, ri = batch["vis_index"].to(args.device), batch["ir_index"].to(args.device)
-        f_v0, f_v1, f_r = forward_batch(model, batch, args)
-        f_v, y_v, y_r = torch.cat([f_v0, f_v1]), intra["v"][vi].repeat(2), intra["r"][ri]
-        hybrid = args.intra_loss == "hybrid"
-        loss = (memory.intra_loss(mem_v, f_v, y_v, margin=args.intra_margin, hybrid=hybrid)
-                + memory.intra_loss(mem_r, f_r, y_r, margin=args.intra_margin, hybrid=hybrid))
-        optimise(optimizer, loss, epoch, it)
-        mem_v.update(f_v.detach(), y_v)
-        mem_r.update(f_r.detach(), y_r)
-        sums["loss_intra"] += loss.item()
-        if gbatch is None:
-            continue
-        # (2) ½(L_glb^ir + L_glb^vis): multi-positive contrast over modality-specific prototypes.
-        vi, ri = gbatch["vis_index"].to(args.device), gbatch["ir_index"].to(args.device)
-        g_v0, g_v1, g_r = forward_batch(model, gbatch, args)
-        g_v = torch.cat([g_v0, g_v1])
-        loss = 0.5 * (memory.global_loss(mem_g, g_r, glob["r"][ri], glob["protos"], args.hard_neg_k)
-                      + memory.global_loss(mem_g, g_v, glob["v"][vi].repeat(2), glob["protos"], args.hard_neg_k))
-        optimise(optimizer, loss, epoch, it)
-        mem_g.update(torch.cat([g_v, g_r]).detach(), torch.cat([glob["pv"][vi].repeat(2), glob["pr"][ri]]))
-        sums["loss_global"] += loss.item()
-    n = max(len(loaders[0]), 1)
-    out = {k: v / n for k, v in sums.items() if glob is not None or k == "loss_intra"}
-    return dict(out, loss=sum(out.values()))
-
-
-def global_cluster_stats(labels, modality, gt):
-    """Clusters holding both modalities, and the precision of the cross-modality pairs they imply."""
-    keep = labels >= 0
-    lab, mod, ids = labels[keep], modality[keep], gt[keep]
-    k = int(labels.max()) + 1
-    if k == 0:
-        return {"clusters": 0, "mixed": 0, "cross_pair_precision": 0.0, "cross_pairs": 0}
-    n_vis = np.bincount(lab[mod == VIS], minlength=k)
-    n_ir = np.bincount(lab[mod == IR], minlength=k)
-    # Cross pairs (vis, ir) in one cluster, and those of one identity, from contingency counts: O(N).
-    _, inv = np.unique(np.stack([lab, ids]), axis=1, return_inverse=True)
-    per_id_vis = np.bincount(inv.ravel()[mod == VIS], minlength=inv.max() + 1)
-    per_id_ir = np.bincount(inv.ravel()[mod == IR], minlength=inv.max() + 1)
-    pairs = int(n_vis @ n_ir)
-    correct = int(per_id_vis @ per_id_ir)
-    return {"clusters": k, "mixed": int(np.sum((n_vis > 0) & (n_ir > 0))),
-            "cross_pair_precision": correct / pairs if pairs else 0.0, "cross_pairs": pairs}
-
-
-def describe_global(record):
-    g = record["global"]
-    msg = (f"modality-aware Jaccard: {g['clusters']} clusters, {g['mixed']} with both modalities, "
-           f"cross-modality pair precision {100 * g['cross_pair_precision']:.1f}% of {g['cross_pairs']} pairs")
-    if "global_plain" in record:
-        p = record["global_plain"]
-        msg += (f" | plain Jaccard: {p['clusters']} clusters, {p['mixed']} with both modalities, "
-                f"precision {100 * p['cross_pair_precision']:.1f}% of {p['cross_pairs']} pairs")
-    return msg
-
-
-# ---------------------------------------------------------------------------------------------------
-# The loop
-
-def make_optimizer(model, args):
-    """Adam, two parameter groups (BN-neck and the rest) at the same lr (docs/mult.md §8)."""
-    neck = [p for p in model.bnneck.parameters() if p.requires_grad]
-    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("bnneck.")]
-    return torch.optim.Adam([{"params": rest}, {"params": neck}], lr=args.lr, weight_decay=args.weight_decay)
-
-
-def learning_rate(epoch, args):
-    """Step schedule x0.1 at each of --lr-steps: MULT keys it on the absolute epoch (§8); MBMIL restarts it
-    in stage two (a fresh stage-two run in the official code)."""
-    if args.method == "mbmil" and epoch >= args.stage_one_epochs:
-        epoch -= args.stage_one_epochs
-    return args.lr * 0.1 ** sum(epoch >= s for s in args.lr_steps)
-
-
-def main(args):
-    args = resolve_args(args)
-    plan = plan_run(args)                          # every refusal about the run folder, nothing written yet
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        vis, ir = load_training_set(args)
-        test_paths = check_test_set(args)
-    if args.check_images:
-        check_images([vis, ir] + test_paths, args)
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    weights = args.pretrained
-    if weights == "synthetic":  # the ImageNet stand-in of the CPU demo (pretrain.py)
-        from pretrain import ensure_pretrained
-        weights = ensure_pretrained(os.path.join(os.path.dirname(os.path.normpath(args.data_root)),
-                                                 "synthetic-pretrain"), arch=args.arch, height=args.height,
-                                    width=args.width, device=args.device)
-    model = TwoStreamNet(args.arch, weights).to(args.device)
-    optimizer = make_optimizer(model, args)
-    start, history, untrained = 0, [], None
-    if plan["mode"] != "fresh":
-        ckpt = plan["ckpt"]
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        start, history, untrained = ckpt["epoch"], ckpt["history"], ckpt.get("untrained")
-
-    # Every check has passed: only now is the run folder written.
-    log = open_run_folder(args, plan, history)
-    log("arguments: " + json.dumps(vars(args)))
-    changed = changed_flags(args)
-    log(f"run folder {args.out}: " + ("the preset configuration" if not changed else "off the preset in " + ", ".join(
-        f"--{k.replace('_', '-')} {describe(v)}" for k, (_, v) in changed.items())))
-    for w in caught:
-        log(f"warning: {w.message}")
-    log(f"data: {args.dataset} at {args.data_root}: {len(vis)} vis and {len(ir)} ir training images")
-    if args.pretrained == "synthetic":
-        log(f"initial weights: {weights} (supervised on a disjoint synthetic population, "
-            "one class per identity and modality)")
-    if plan["mode"] == "resume":
-        log(f"resumed from {plan['path']}: epochs 0..{start - 1} done, continuing at epoch {start}")
-    elif plan["mode"] == "init":
-        log(f"initialised from {plan['path']}: stage one (epochs 0..{start - 1}) shared, stage two starts here")
-    elif args.eval_untrained:
-        untrained = run_evaluation(model, args, args.eval_trials)
-        log("untrained model (reference for the learning curve):\n" + evaluate.format_table(untrained))
-    results = None
-    for epoch in range(start, args.epochs):
-        t0 = time.time()
-        if args.method == "mbmil" and epoch == args.stage_one_epochs and epoch > 0:
-            optimizer = make_optimizer(model, args)  # stage two starts a fresh optimiser (§A.4)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(epoch, args)
-        step = mult_epoch if args.method == "mult" else mbmil_epoch
-        record = step(model, optimizer, vis, ir, epoch, args, log)
-        if record is None:
-            log(f"epoch {epoch}: DBSCAN found no cluster (eps {args.eps}); this epoch trains nothing and the model "
-                f"is unchanged. If this persists, raise --eps or check the features.")
-            record = {"stage": 1 if epoch < args.stage_one_epochs else 2, "skipped": "no clusters"}
-        last = epoch == args.epochs - 1
-        if last or (epoch + 1) % args.eval_every == 0:
-            results = run_evaluation(model, args, args.eval_trials if last else 1)
-            record["eval"] = headline(results)
-        record.update(epoch=epoch, lr=learning_rate(epoch, args), time=round(time.time() - t0, 1))
-        history.append(record)
-        log(f"epoch {epoch} (stage {record['stage']}): " + ", ".join(
-            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
-            if k not in ("epoch", "stage", "cross_accuracy_ot", "global", "global_plain")))
-        # The checkpoint first, then the metrics line: a crash between the two leaves a line missing,
-        # which the resume rewrites from the checkpoint's history, never one line twice.
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                 "args": vars(args), "history": history, "untrained": untrained,
-                 "torch_rng": torch.get_rng_state(), "results": results if last else None,
-                 "log_bytes": log.size()}
-        save_checkpoint(state, os.path.join(args.out, "last.pth"))
-        if epoch + 1 == args.stage_one_epochs:   # the branching point of stage-two ablations (--init-from)
-            save_checkpoint(dict(state, stage_one_end=True), os.path.join(args.out, "stage1.pth"))
-        log.metrics(record)
-    if results is None:  # a finished run resumed: evaluate its final model
-        results = run_evaluation(model, args, args.eval_trials)
-    report(results, untrained, history, args, log)
-    return results
-
-
-def report(results, untrained, history, args, log):
-    if untrained is not None:
-        log("untrained model:\n" + evaluate.format_table(untrained))
-    log(f"final model (last epoch, {history[-1]['epoch']}):\n" + evaluate.format_table(results))
-    if args.select_on_test:
-        scored = [r for r in history if "eval" in r]
-        best = max(scored, key=lambda r: next(iter(r["eval"].values())))
-        log(f"[model selection on the TEST set, not a valid protocol] best epoch {best['epoch']}: {best['eval']}")
-    write_atomic(os.path.join(args.out, "results.json"),
-                 json.dumps({"final": results, "untrained": untrained}, indent=2))
-
-
 def cli(argv=None):
-    """main() for the command line: a problem with the input is one line on stderr and a non-zero exit
-    status, not a traceback (VIREID_TRACEBACK=1 shows the traceback)."""
+    """main() for the command line: a problem with the input is one line on stderr and exit status 2, not a
+    traceback (VIREID_TRACEBACK=1 shows the traceback)."""
     try:
         return main(get_args_parser().parse_args(argv))
     except (ValueError, OSError, FloatingPointError) as err:

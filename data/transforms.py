@@ -307,6 +307,11 @@ def _check_size(height, width):
             raise ValueError(f"{name} must be a positive int, got {v!r}")
 
 
+def crop_pad(height):
+    """The random crop's zero padding: 10 px at the papers' 288-pixel height, scaled with the input, >= 1."""
+    return max(1, round(10 * height / 288))
+
+
 def train_transforms(height, width, stage, method="mult", pad=10):
     """The three training pipelines, each a callable (PIL image, rng) -> float tensor [3, H, W].
 

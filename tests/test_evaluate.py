@@ -313,32 +313,6 @@ def test_cli_synthetic(tmp_path, tiny_sysu, capsys):
         ev.main(["--dataset", "synthetic", "--data-root", root])       # no model given
 
 
-def test_pair_precision_recall_hand_checked():
-    # clusters {0,1,2} {3,4}, outlier 5; ids  a a b | b b | a
-    # same-cluster pairs: 3 + 1 = 4, of which same id: (0,1), (3,4) = 2  -> precision 2/4
-    # same-id pairs: a {0,1,5} 3, b {2,3,4} 3 = 6                         -> recall 2/6
-    prec, rec = ev.pair_precision_recall([0, 0, 0, 1, 1, -1], [7, 7, 8, 8, 8, 7])
-    assert prec == 0.5 and rec == pytest.approx(1 / 3)
-    rng = np.random.default_rng(0)
-    labels, pids = rng.integers(-1, 6, 80), rng.integers(0, 9, 80)
-    same_c = (labels[:, None] == labels[None]) & (labels[:, None] >= 0)
-    same_i = pids[:, None] == pids[None]
-    off = ~np.eye(80, dtype=bool)
-    prec, rec = ev.pair_precision_recall(labels, pids)
-    assert prec == pytest.approx((same_c & same_i & off).sum() / (same_c & off).sum())
-    assert rec == pytest.approx((same_c & same_i & off).sum() / (same_i & off).sum())
-
-
-def test_cross_label_accuracy_hand_checked():
-    # other modality: cluster 0 = ids 5 5 6 -> named 5; cluster 1 = ids 6 7 -> tie, named 6
-    labels_other, pids_other = [0, 0, 0, 1, 1, -1], [5, 5, 6, 6, 7, 9]
-    # samples: (cross 0, id 5) right, (1, 7) wrong, (1, 6) right, (-1, 5) not counted -> 2/3
-    acc = ev.cross_label_accuracy([0, 1, 1, -1], [5, 7, 6, 5], labels_other, pids_other)
-    assert acc == pytest.approx(2 / 3)
-    with pytest.raises(ValueError, match="cross"):
-        ev.cross_label_accuracy([2], [5], labels_other, pids_other)
-
-
 def test_real_readers_on_synthetic_data(tmp_path, tiny_sysu):
     """Gallery and query sizes with the real readers; RegDB end to end on a rendered split."""
     root, meta = tiny_sysu

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import model as model_module
+import runs
 import train
 from data.synthetic import render_sysu
 
@@ -262,14 +263,14 @@ def test_a_refused_resume_leaves_args_json_alone(tiny_root, tmp_path, capsys):
 
 def test_a_kill_between_checkpoint_and_metrics_leaves_no_epoch_twice(tiny_root, tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "run")
-    real = train.Log.metrics
+    real = runs.Log.metrics
 
     def killed(self, record):          # the process dies after last.pth of epoch 0 is written
         raise KeyboardInterrupt
-    monkeypatch.setattr(train.Log, "metrics", killed)
+    monkeypatch.setattr(runs.Log, "metrics", killed)
     assert cli("--data-root", tiny_root, "--out", out, *TINY, *TWO)[0] == 130
     assert torch.load(os.path.join(out, "last.pth"), weights_only=False)["epoch"] == 1
-    monkeypatch.setattr(train.Log, "metrics", real)
+    monkeypatch.setattr(runs.Log, "metrics", real)
     assert cli("--data-root", tiny_root, "--out", out, *TINY, *TWO)[0] == 0
     assert epochs_in(out) == [0, 1]
     log = open(os.path.join(out, "log.txt")).read()
