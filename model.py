@@ -13,6 +13,8 @@ parameter and the dead layer1..4 of the two stem networks (they never receive a 
 """
 import os
 import shutil
+import socket
+import urllib.parse
 
 import torch
 import torch.nn as nn
@@ -26,6 +28,8 @@ IMAGENET_V1_FILES = {
     "resnet18": ("resnet18-f37072fd.pth", "resnet18-5c106cde.pth"),
 }
 IMAGENET_V1_URL = "https://download.pytorch.org/models/{}"
+CONNECT_TIMEOUT_S = 5     # offline machines fail the reachability check within this, never hang
+TRANSFER_TIMEOUT_S = 60   # a stalled download ends with an error after this many idle seconds
 ARCHS = tuple(IMAGENET_V1_FILES)
 CHECKPOINT_FORMAT = "vireid-checkpoint-v1"
 
@@ -36,19 +40,39 @@ def gem(x, p=3.0, eps=1e-12):
 
 
 def _imagenet_weights_path(arch):
-    """The first V1 weight file of `arch` found in the torch hub cache, or a clear error."""
+    """The V1 weight file of `arch` in the torch hub cache ($TORCH_HOME/hub/checkpoints). When it is
+    not there and the machine is online, torchvision's own download puts it there first (progress bar,
+    hash check), as torchvision users expect; offline, a clear error within seconds."""
     folder = os.path.join(torch.hub.get_dir(), "checkpoints")
     for name in IMAGENET_V1_FILES[arch]:
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             return path
-    names = " or ".join(IMAGENET_V1_FILES[arch])
-    raise FileNotFoundError(
-        f"--pretrained imagenet: ImageNet V1 weights for {arch} not found; looked for {names} in "
-        f"{folder}. This machine cannot download them: on a connected machine fetch "
-        f"{IMAGENET_V1_URL.format(IMAGENET_V1_FILES[arch][0])} and copy it into that folder (or set "
-        f"TORCH_HOME), or pass --pretrained /path/to/{IMAGENET_V1_FILES[arch][0]}, or --pretrained none "
-        f"to train from scratch.")
+    name = IMAGENET_V1_FILES[arch][0]
+    url = IMAGENET_V1_URL.format(name)
+    try:
+        _download_to_cache(url, folder)
+    except (OSError, RuntimeError) as err:    # URLError and timeouts are OSErrors; a bad hash a RuntimeError
+        names = " or ".join(IMAGENET_V1_FILES[arch])
+        raise FileNotFoundError(
+            f"--pretrained imagenet: ImageNet V1 weights for {arch} not found; looked for {names} in "
+            f"{folder}, and downloading {url} failed ({getattr(err, 'reason', err)}). On a connected "
+            f"machine fetch {url} and copy it into that folder (or set TORCH_HOME), or pass --pretrained "
+            f"/path/to/{name}, or --pretrained none to train from scratch.") from None
+    return os.path.join(folder, name)
+
+
+def _download_to_cache(url, folder):
+    """torch.hub.load_state_dict_from_url (what torchvision's weight enums call) into `folder`, with
+    the hash check; a host that cannot be reached fails at once instead of hanging."""
+    socket.create_connection((urllib.parse.urlsplit(url).hostname, 443), timeout=CONNECT_TIMEOUT_S).close()
+    saved = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(TRANSFER_TIMEOUT_S)
+    try:
+        torch.hub.load_state_dict_from_url(url, model_dir=folder, map_location="cpu", progress=True,
+                                           check_hash=True)
+    finally:
+        socket.setdefaulttimeout(saved)
 
 
 def load_backbone_weights(net, path):

@@ -1,8 +1,8 @@
-"""Synthetic visible-infrared person re-id data, written in the real SYSU-MM01 and RegDB layouts.
+"""Synthetic visible-infrared person re-id data, written in the real SYSU-MM01, RegDB and LLCM layouts.
 
-No paper: SYSU-MM01 and RegDB need licences, so tests and the default demo render person figures
+No paper: SYSU-MM01, RegDB and LLCM need licences, so tests and the default demo render person figures
 here and read them back with the real loaders (docs/mult.md §1.1 SYSU-MM01 on disk, §1.2 RegDB on
-disk, §1.3 every file decodes to 3 channels).
+disk, §1.3 every file decodes to 3 channels; data/llcm.py for the LLCM layout).
 
 Identity lives in both modalities in body shape (height, shoulder and hip width, head size, leg
 length), cut (sleeves, trousers/shorts/skirt, long hair), garment pattern (solid, stripes in three
@@ -46,9 +46,12 @@ NIR_FROM_LUMA = 0.8
 SYSU_CAMS = {1: VIS, 2: VIS, 3: IR, 4: VIS, 5: VIS, 6: IR}   # as in the real SYSU-MM01
 MISSING_RATE = 0.10           # fraction of (id, camera) folders left out, like real SYSU-MM01
 REGDB_IMAGES, REGDB_TRIALS = 10, 10
+LLCM_CAMS = {VIS: (1, 2, 3, 4, 5, 6, 7, 8, 9), IR: (1, 2, 4, 5, 6, 7, 8, 9)}   # no infrared camera 3
+LLCM_FOLDERS = {VIS: "vis", IR: "nir"}
+LOW_LIGHT = 0.6               # LLCM's visible cameras: gain x 0.6 and twice the pixel noise
 JPEG = dict(quality=95, subsampling=0)   # 4:4:4 chroma keeps the thin colour stripes
 IMAGE_NOTE = "JPEG quality 95, 4:4:4, RGB (infrared: 3 equal channels)"
-_ID, _CAM, _VIEW, _SPLIT, _MISS, _REGDB = 1, 2, 3, 4, 5, 6   # rng stream tags
+_ID, _CAM, _VIEW, _SPLIT, _MISS, _REGDB, _LLCM = 1, 2, 3, 4, 5, 6, 7   # rng stream tags
 
 
 def _rng(seed, *keys):
@@ -475,13 +478,82 @@ def render_regdb(out, num_ids=100, height=128, width=64, seed=0, progress=False)
     return _into_fresh_dir(out, write)
 
 
-RENDERERS = {"sysu": render_sysu, "regdb": render_regdb}
+def _llcm_cameras(seed, pid, is_test):
+    """{modality: cameras with a folder for `pid`}: each dropped with MISSING_RATE, but every id keeps
+    one camera per modality, and a test id two (so each query has a match in another camera)."""
+    draws = _rng(seed, _LLCM, pid).random(len(LLCM_CAMS[VIS]) + len(LLCM_CAMS[IR]))
+    out, start = {}, 0
+    for m, cams in LLCM_CAMS.items():
+        draw = dict(zip(cams, draws[start:start + len(cams)]))
+        start += len(cams)
+        keep = sorted(cams, key=lambda c: -draw[c])[:2 if is_test else 1]   # the least likely to drop
+        out[m] = sorted(set(keep) | {c for c in cams if draw[c] >= MISSING_RATE})
+    return out
+
+
+def render_llcm(out, num_ids=90, images_per_cam=2, height=128, width=64, seed=0, progress=False):
+    """Write the LLCM layout under `out`; return the meta also written to out/synthetic.json.
+
+    Ids 1..N, a third of them (at least 1) for test. Training images train_{vis,nir}/cam{c}/{pid:04d}/
+    {NNNN}.jpg listed in idx/train_vis.txt and idx/train_nir.txt ("<path relative to out> <label>", labels
+    0.. in id order); test images test_vis/cam{1..9}/... and test_nir/cam{1,2,4..9}/..., an empty
+    test_nir/cam3, and idx/test_id.txt (one line). Visible camN and infrared camN share the viewpoint
+    (one camera in two modes); the visible cameras are darker and noisier (LOW_LIGHT).
+    meta["train_counts"] = {"ids", "vis", "ir"}, as data.llcm.llcm_train counts them.
+    """
+    args = dict(num_ids=_check_int("num_ids", num_ids, 2, 9999),
+                images_per_cam=_check_int("images_per_cam", images_per_cam, 1, 9999),
+                height=_check_int("height", height, 16), width=_check_int("width", width, 8),
+                seed=_check_int("seed", seed, 0))
+    order = _rng(seed, _SPLIT, 0).permutation(np.arange(1, num_ids + 1)).tolist()
+    n_test = max(1, int(math.floor(num_ids / 3 + 0.5)))
+    split = dict(train=sorted(order[n_test:]), test=sorted(order[:n_test]))
+    cams = {p: _llcm_cameras(seed, p, p in split["test"]) for p in range(1, num_ids + 1)}
+    cameras = {}
+    for m, keys in LLCM_CAMS.items():
+        for c in keys:                     # the same key: the same viewpoint in both modes
+            cam = draw_camera(seed, 200 + c, m)
+            if m == VIS:
+                cam.update(gain=cam["gain"] * LOW_LIGHT, noise=cam["noise"] * 2)
+            cameras[m, c] = cam
+    rel = lambda part, m, c, p, k: f"{part}_{LLCM_FOLDERS[m]}/cam{c}/{p:04d}/{k:04d}.jpg"   # noqa: E731
+    counts = lambda ids: dict(ids=len(ids), **{name: images_per_cam * sum(len(cams[p][m]) for p in ids)
+                                               for name, m in (("vis", VIS), ("ir", IR))})   # noqa: E731
+
+    def write(root):
+        (root / "idx").mkdir()
+        label = {p: i for i, p in enumerate(split["train"])}
+        lists = {VIS: [], IR: []}
+        for m, keys in LLCM_CAMS.items():
+            for c in range(1, 10) if m == IR else keys:      # every camera folder; cam3 stays empty
+                (root / f"test_{LLCM_FOLDERS[m]}" / f"cam{c}").mkdir(parents=True)
+        jobs = [(p, m, c, k) for p in cams for m in (VIS, IR) for c in cams[p][m]
+                for k in range(1, images_per_cam + 1)]
+        ident = (None, None)
+        for p, m, c, k in tqdm(jobs, desc="synthetic LLCM", unit="img", disable=not progress):
+            ident = ident if ident[0] == p else (p, draw_identity(seed, p))
+            part = "test" if p in split["test"] else "train"
+            rng = _rng(seed, _VIEW, p, 100 * m + c, k)
+            _save(root / rel(part, m, c, p, k),
+                  render_image(ident[1], cameras[m, c], draw_view(rng), rng, height, width))
+            if part == "train":
+                lists[m].append(f"{rel(part, m, c, p, k)} {label[p]}\n")
+        for m in (VIS, IR):
+            (root / "idx" / f"train_{LLCM_FOLDERS[m]}.txt").write_text("".join(lists[m]))
+        (root / "idx" / "test_id.txt").write_text(",".join(map(str, split["test"])) + "\n")
+        return dict(generator="vireid data.synthetic", version=FORMAT_VERSION, layout="llcm",
+                    args=args, image=IMAGE_NOTE, splits={k: len(v) for k, v in split.items()},
+                    train_counts=counts(split["train"]), test_counts=counts(split["test"]))
+    return _into_fresh_dir(out, write)
+
+
+RENDERERS = {"sysu": render_sysu, "regdb": render_regdb, "llcm": render_llcm}
 
 
 def ensure_synthetic(out, layout="sysu", progress=False, **kwargs):
     """Return out/synthetic.json's meta, rendering first if it is missing or its args differ.
 
-    kwargs are those of render_sysu / render_regdb; defaults are filled in before comparing.
+    kwargs are those of render_sysu / render_regdb / render_llcm; defaults are filled in before comparing.
     """
     if layout not in RENDERERS:
         raise ValueError(f"layout must be one of {sorted(RENDERERS)}, got {layout!r}")
@@ -503,28 +575,33 @@ def ensure_synthetic(out, layout="sysu", progress=False, **kwargs):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Render the synthetic visible-infrared person "
-                                     "dataset in the SYSU-MM01 (default) or RegDB layout.")
+                                     "dataset in the SYSU-MM01 (default), RegDB or LLCM layout.")
     parser.add_argument("--out", type=str, required=True, help="output folder (replaced)")
-    parser.add_argument("--ids", type=int, default=100, help="number of identities (100)")
+    parser.add_argument("--ids", type=int, default=None, help="number of identities (100; LLCM 90)")
     parser.add_argument("--images-per-cam", type=int, default=None,
-                        help="SYSU layout: images per camera folder (6); RegDB has 10 per id")
+                        help="images per camera folder (SYSU 6, LLCM 2); RegDB has 10 per id")
     parser.add_argument("--height", type=int, default=128, help="image height (128)")
     parser.add_argument("--width", type=int, default=64, help="image width (64)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
-    parser.add_argument("--regdb", action=argparse.BooleanOptionalAction, default=False,
+    layout = parser.add_mutually_exclusive_group()
+    layout.add_argument("--regdb", action=argparse.BooleanOptionalAction, default=False,
                         help="write the RegDB layout instead of SYSU-MM01")
+    layout.add_argument("--llcm", action=argparse.BooleanOptionalAction, default=False,
+                        help="write the LLCM layout instead of SYSU-MM01")
     args = parser.parse_args(argv)
     if args.regdb and args.images_per_cam is not None:
-        parser.error("--images-per-cam applies to the SYSU layout only (RegDB: 10 per id)")
+        parser.error("--images-per-cam applies to the SYSU and LLCM layouts only (RegDB: 10 per id)")
     start = time.perf_counter()
+    size = dict(height=args.height, width=args.width, seed=args.seed, progress=True)
+    if args.ids is not None:
+        size["num_ids"] = args.ids
+    if args.images_per_cam is not None:
+        size["images_per_cam"] = args.images_per_cam
+    renderer = render_regdb if args.regdb else render_llcm if args.llcm else render_sysu
     flags = {"num_ids": "--ids", "images_per_cam": "--images-per-cam", "height": "--height",
              "width": "--width", "seed": "--seed"}
     try:
-        if args.regdb:
-            meta = render_regdb(args.out, args.ids, args.height, args.width, args.seed, True)
-        else:
-            per_cam = 6 if args.images_per_cam is None else args.images_per_cam
-            meta = render_sysu(args.out, args.ids, per_cam, args.height, args.width, args.seed, True)
+        meta = renderer(args.out, **size)
     except (ValueError, TypeError) as err:
         message = str(err)
         for name, flag in flags.items():

@@ -2,6 +2,7 @@
 cases, feature extraction (flip averaging), the runners, saved features, rank lists and the CLI."""
 import json
 import logging
+import os
 import sys
 import types
 
@@ -348,3 +349,226 @@ def test_cli_checkpoint_uses_its_input_size(tmp_path, tiny_sysu, monkeypatch):
     assert calls == [("ck.pth", "cpu")] and saved["method"] == "mult"
     assert (saved["args"]["height"], saved["args"]["width"]) == (32, 8)   # the command line wins
     assert list(saved["results"]) == ["indoor"]
+
+
+# ----------------------------------------------------------------------------- re-ranking
+def reference_re_ranking(qg, qq, gg, k1, k2, lam):
+    """Dense and slow, straight from the definition: the joint distance squared and divided by its
+    row maximum, k-reciprocal lists by a stable argsort, the 2/3 expansion, Gaussian weights, query
+    expansion over the k2 nearest, Jaccard by sums of minima, the lambda mix."""
+    num_q = len(qg)
+    d = np.square(np.block([[qq, qg], [qg.T, gg]])).astype(np.float32)
+    d = d / d.max(1, keepdims=True)
+    n, rank = len(d), np.argsort(d, axis=1, kind="stable")
+
+    def reciprocal(i, m):
+        return [int(j) for j in rank[i, :m] if i in rank[j, :m]]
+
+    v = np.zeros((n, n))
+    for i in range(n):
+        r = reciprocal(i, k1 + 1)
+        expanded = set(r)
+        for c in r:
+            rc = reciprocal(c, int(np.around(k1 / 2)) + 1)
+            if len(set(rc) & set(r)) > 2 / 3 * len(rc):
+                expanded |= set(rc)
+        e = sorted(expanded)
+        w = np.exp(-d[i, e].astype(np.float64))
+        v[i, e] = w / w.sum()
+    if k2 > 1:
+        v = np.stack([v[rank[i, :k2]].mean(0) for i in range(n)])
+    final = np.zeros((num_q, n - num_q))
+    for i in range(num_q):
+        for j in range(num_q, n):
+            s = np.minimum(v[i], v[j]).sum()
+            final[i, j - num_q] = (1 - lam) * (1 - s / (2 - s)) + lam * d[i, j]
+    return final
+
+
+def rerank_case(seed, num_q, num_g, ties):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((num_q + num_g, 4))
+    if ties:                                   # coarse features: many exactly equal distances
+        x = np.round(x, 0) + (np.abs(np.round(x, 0)).sum(1, keepdims=True) == 0)
+        x[3] = x[num_q + 1]                    # a query equal to a gallery image
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q, g = x[:num_q], x[num_q:]
+    sym = lambda a: (a + a.T) / 2              # noqa: E731  exactly symmetric, as distances are
+    return ev.pairwise_distance(q, g), sym(ev.pairwise_distance(q, q)), sym(ev.pairwise_distance(g, g))
+
+
+@pytest.mark.parametrize("seed,num_q,num_g,ties", [(0, 12, 30, False), (1, 20, 25, True), (2, 5, 40, True)])
+@pytest.mark.parametrize("k1,k2,lam", [(20, 6, 0.3), (6, 3, 0.0), (5, 1, 0.5), (7, 12, 1.0)])
+def test_re_ranking_matches_dense_reference(seed, num_q, num_g, ties, k1, k2, lam, monkeypatch):
+    monkeypatch.setattr(ev, "RERANK_BLOCK_BYTES", 4 * 7 * (num_q + num_g))   # blocks of 7 rows
+    monkeypatch.setattr(ev, "RERANK_CHUNK", 500)                             # many sparse chunks
+    qg, qq, gg = rerank_case(seed, num_q, num_g, ties)
+    got = ev.re_ranking(qg, qq, gg, k1=k1, k2=k2, lambda_value=lam)
+    assert got.shape == qg.shape and got.dtype == np.float64
+    np.testing.assert_allclose(got, reference_re_ranking(qg, qq, gg, k1, k2, lam), rtol=0, atol=1e-6)
+
+
+def test_re_ranking_changes_the_ranking_and_checks_inputs():
+    qg, qq, gg = rerank_case(4, 10, 20, False)
+    final = ev.re_ranking(qg, qq, gg)
+    assert np.isfinite(final).all() and not np.array_equal(np.argsort(final, 1), np.argsort(qg, 1))
+    # lambda 1: the original distance, squared and row-normalised over [qq, qg]
+    rows = np.square(np.hstack([qq, qg])).astype(np.float32)
+    np.testing.assert_allclose(ev.re_ranking(qg, qq, gg, lambda_value=1.0),
+                               (np.square(qg).astype(np.float32) / rows.max(1, keepdims=True)), atol=1e-7)
+    for kwargs, text in (({"k1": 0}, "k1"), ({"k1": 30}, "k1"), ({"k2": 31}, "k2"),
+                         ({"lambda_value": 1.5}, "lambda_value"), ({"k1": 2.5}, "k1")):
+        with pytest.raises(ValueError, match=text):
+            ev.re_ranking(qg, qq, gg, **kwargs)
+    with pytest.raises(ValueError, match="g_g_dist"):
+        ev.re_ranking(qg, qq, gg[:5, :5])
+    with pytest.raises(ValueError, match="NaN"):
+        ev.re_ranking(np.where(qg > 1, np.nan, qg), qq, gg)
+    with pytest.raises(ValueError, match="all zero"):
+        ev.re_ranking(np.zeros((2, 3)), np.zeros((2, 2)), np.zeros((3, 3)), k1=2, k2=1)
+
+
+def test_rerank_in_the_runners_and_from_features(tmp_path, tiny_sysu):
+    root, _ = tiny_sysu
+    npz = str(tmp_path / "f.npz")
+    plain = ev.evaluate_sysu(ev.pixel_model, root, modes=["all"], trials=[0], height=32, width=16,
+                             save_features=npz)
+    rr = ev.evaluate_from_features(npz, rerank={"k1": 8, "k2": 3})
+    assert plain["all"]["rerank"] is None
+    assert rr["all"]["rerank"] == {"k1": 8, "k2": 3, "lambda_value": 0.3}
+    query, gallery = sysu_test(root, "all", 0)
+    q, g = (ev.extract_features(ev.pixel_model, x, 32, 16) for x in (query, gallery))
+    d = ev.re_ranking(ev.pairwise_distance(q, g), ev.pairwise_distance(q, q), ev.pairwise_distance(g, g),
+                      k1=8, k2=3)
+    cmc, m_ap, _ = ev.eval_sysu(d, query.pids, gallery.pids, query.camids, gallery.camids)
+    assert rr["all"]["trials"][0]["mAP"] == pytest.approx(100 * m_ap, abs=1e-4)
+    assert rr["all"]["trials"][0]["R1"] == pytest.approx(100 * cmc[0], abs=1e-4)
+    text = ev.format_table(rr)
+    assert "SYSU all-search (re-ranked)" in text and "k1 8, k2 3, lambda 0.3" in text
+    assert "re-ranked" not in ev.format_table(plain)
+
+
+# ----------------------------------------------------------------------------- rank-list pictures
+def test_ranklist_images(tmp_path, tiny_sysu):
+    root, _ = tiny_sysu
+    out = tmp_path / "rl"
+    res = ev.main(["--dataset", "synthetic", "--data-root", root, "--model", "pixels", "--trials", "0",
+                   "--mode", "all", "--height", "32", "--width", "16", "--workers", "0", "--out", str(out),
+                   "--save-ranklist", "4", "--ranklist-images", "3"])
+    folder = out / "ranklist_all_trial0"
+    pngs = sorted(folder.glob("query*.png"))
+    assert len(pngs) == 3 and (folder / "index.html").is_file() and (out / "index.html").is_file()
+    page = (folder / "index.html").read_text()
+    assert all(p.name in page for p in pngs)
+    assert "ranklist_all_trial0/index.html" in (out / "index.html").read_text()
+    image = np.asarray(Image.open(pngs[0]).convert("RGB"))
+    assert image.shape[1] == ev.PAD + 5 * (ev.TILE_W + 2 * ev.PAD) + ev.PAD     # query + top 4
+    # frames: the pixel just outside each gallery tile is green (correct) or red (wrong), as the text list
+    lines = (out / "ranklist_all_trial0.txt").read_text().splitlines()
+    first = int(pngs[0].stem[5:])
+    marks = [f[0] for f in lines[first].split("\t")[1:]]
+    for t, mark in enumerate(marks, start=1):
+        x = ev.PAD + t * (ev.TILE_W + 2 * ev.PAD) + ev.PAD - 2
+        colour = tuple(image[18 + ev.PAD + ev.TILE_H // 2, x])
+        assert colour == ((0, 170, 0) if mark == "+" else (210, 0, 0))
+    assert res["all"]["trials"][0]["num_query"] == len(lines)
+    with pytest.raises(SystemExit, match="--save-ranklist K"):
+        ev.main(["--dataset", "synthetic", "--data-root", root, "--model", "pixels", "--out", str(out),
+                 "--ranklist-images", "2"])
+
+
+def test_write_ranklist_images_llcm_exclusion(tmp_path):
+    paths = [write_image(tmp_path / f"{i}.png", i, i) for i in range(4)]
+    d = np.array([[0.0, 1.0, 2.0], [2.0, 1.0, 0.0]])
+    # query 0: id 1 cam 2; gallery 0 is id 1 cam 2 -> dropped under LLCM, kept under RegDB
+    index = ev.write_ranklist_images(str(tmp_path / "pics"), d, paths[:2], paths[1:], np.array([1, 5]),
+                                     np.array([1, 5, 1]), 2, 5, np.array([2, 1]), np.array([2, 3, 4]),
+                                     protocol="llcm", title="toy")
+    assert sorted(os.listdir(tmp_path / "pics")) == ["index.html", "query00000.png", "query00001.png"]
+    assert "toy" in open(index).read()
+    ev.write_ranklist(str(tmp_path / "r.txt"), d, ["a", "b"], ["g0", "g1", "g2"], np.array([1, 5]),
+                      np.array([1, 5, 1]), 2, np.array([2, 1]), np.array([2, 3, 4]), protocol="llcm")
+    assert (tmp_path / "r.txt").read_text() == "a\t-g1\t+g2\nb\t-g2\t+g1\n"
+    with pytest.raises(ValueError, match="num_queries"):
+        ev.write_ranklist_images(str(tmp_path / "x"), d, paths[:2], paths[1:], [1, 5], [1, 5, 1], 2, 0)
+
+
+# ----------------------------------------------------------------------------- run summaries
+def fake_results(settings, shift, trials=(0,)):
+    res = {}
+    for k, name in enumerate(settings):
+        rows = [{"trial": t, **{m: 10.0 * (k + 1) + shift + i + t for i, m in enumerate(ev.METRICS)},
+                 "num_query": 5, "num_gallery": 4, "num_valid": 5} for t in trials]
+        res[name] = {"protocol": "x", "rerank": None, "trials": rows}
+    ev._summarise(res)
+    return res
+
+
+def write_run(folder, args, results, layout="train"):
+    folder.mkdir(parents=True)
+    if layout == "train":
+        (folder / "args.json").write_text(json.dumps(args))
+        ev.write_json({"final": results, "untrained": None}, str(folder / "results.json"))
+    else:
+        ev.write_json({"method": args.get("method"), "args": args, "results": results},
+                      str(folder / "results.json"))
+    return str(folder)
+
+
+def test_summarize_runs_regdb_and_sysu(tmp_path, capsys):
+    base = {"method": "mult", "dataset": "regdb", "seed": 1, "association": "mult"}
+    runs = [write_run(tmp_path / f"r{t}", {**base, "trial": t}, fake_results(["v2t", "t2v"], 2.0 * t))
+            for t in (3, 1, 2)]
+    text, summary = ev.summarize_runs(runs)
+    assert [r["trial"] for r in summary["runs"]] == [1, 2, 3]              # per split, in order
+    # split t: v2t R1 = 10 + 2t; t2v mAP = 20 + 2t + 4 -> over t = 1..3, means 14 and 28, std of (2, 4, 6)
+    assert summary["mean"]["v2t"]["R1"] == pytest.approx(14) and summary["mean"]["t2v"]["mAP"] == pytest.approx(28)
+    assert summary["std"]["t2v"]["mAP"] == pytest.approx(np.std([2.0, 4.0, 6.0]))
+    assert "split 1" in text and "mean ± std (3)" in text and "14.00±1.63" in text
+    assert "RegDB visible->thermal" in text and "RegDB thermal->visible" in text
+    # SYSU seeds, one read from evaluate.py's own results.json
+    sysu = [write_run(tmp_path / f"s{s}", {"method": "mult", "dataset": "sysu", "seed": s, "trial": None,
+                                           "association": a}, fake_results(["all", "indoor"], s),
+                      layout="train" if s < 3 else "eval") for s, a in ((1, "mult"), (2, "ot"), (3, "mult"))]
+    text, summary = ev.summarize_runs(sysu)
+    assert [r["seed"] for r in summary["runs"]] == [1, 2, 3] and "seed 2" in text
+    assert "differ in association (mult, ot)" in text
+    res = ev.main(["--summarize", *sysu, "--out", str(tmp_path / "sum")])
+    assert res == summary and json.loads((tmp_path / "sum" / "summary.json").read_text()) == summary
+    assert "seed 3" in capsys.readouterr().out
+
+
+def test_summarize_runs_errors(tmp_path):
+    def reg(name, t, method="mult"):
+        return write_run(tmp_path / name, {"method": method, "dataset": "regdb", "trial": t},
+                         fake_results(["v2t", "t2v"], 0))
+
+    a, b = reg("a", 1), reg("b", 1)
+    with pytest.raises(ValueError, match=r"RegDB split 1 appears twice \(.*a and .*b\)"):
+        ev.summarize_runs([a, b])
+    s = write_run(tmp_path / "s", {"method": "mult", "dataset": "sysu", "seed": 1}, fake_results(["all"], 0))
+    with pytest.raises(ValueError, match=r"different datasets \(regdb, sysu"):
+        ev.summarize_runs([a, s])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty has no results.json"):
+        ev.summarize_runs([a, str(tmp_path / "empty")])
+    m = reg("m", 2, method="mbmil")
+    with pytest.raises(ValueError, match="different methods"):
+        ev.summarize_runs([a, m])
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "results.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not the output of a train.py or evaluate.py run"):
+        ev.summarize_runs([str(tmp_path / "bad")])
+
+
+def test_format_summary():
+    final, untrained = fake_results(["all", "indoor"], 5.0), fake_results(["all", "indoor"], 0.0)
+    untrained["indoor"]["mean"]["mINP"] = 0.0
+    text = ev.format_summary(final, untrained)
+    lines = text.splitlines()
+    assert len(lines) == 4 and lines[2].startswith("SYSU all-search")
+    # all: R1 15 vs 10 -> +50.0%; mAP (index 4) 19 vs 14 -> +35.7%
+    assert "15.00" in lines[2] and "10.00" in lines[2] and "+50.0%" in lines[2] and "+35.7%" in lines[2]
+    assert "n/a" in lines[3]
+    alone = ev.format_summary(final)
+    assert "untrained" not in alone and len(alone.splitlines()) == 4 and "25.00" in alone.splitlines()[3]

@@ -1,7 +1,12 @@
+import os
+import socket
+import urllib.error
+
 import pytest
 import torch
 import torchvision
 
+import model
 from model import TwoStreamNet, gem, load_checkpoint, model_from_checkpoint, save_checkpoint
 
 
@@ -63,10 +68,81 @@ def test_weight_file_errors(tmp_path, monkeypatch):
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="does not fit"):
         TwoStreamNet("resnet18", pretrained=str(tmp_path / "bad.pth"))
+
+
+class _Connection:
+    def close(self):
+        pass
+
+
+def _no_download(*args, **kwargs):
+    raise AssertionError("no download expected")
+
+
+def test_imagenet_offline_gives_clear_message(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "cache"))
+    folder = str(tmp_path / "cache" / "hub" / "checkpoints")
+    url = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
+    # the host answers but the transfer fails
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: _Connection())
+
+    def fails(*args, **kwargs):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fails)
     with pytest.raises(FileNotFoundError, match="resnet18-f37072fd.pth") as err:
         TwoStreamNet("resnet18", pretrained="imagenet")
-    assert str(tmp_path / "cache") in str(err.value)
+    for text in (folder, url, "no route to host", "--pretrained none"):
+        assert text in str(err.value)
+    # no network at all: the reachability check fails within its timeout, the download never starts
+    timeouts = []
+
+    def unreachable(address, timeout=None):
+        timeouts.append(timeout)
+        raise socket.gaierror("Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _no_download)
+    with pytest.raises(FileNotFoundError, match="Name or service not known") as err:
+        TwoStreamNet("resnet18", pretrained="imagenet")
+    assert folder in str(err.value) and url in str(err.value)
+    assert timeouts and all(t is not None and t <= 10 for t in timeouts)
+
+
+def test_imagenet_cached_file_is_used_without_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    folder = tmp_path / "home" / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.manual_seed(2)
+    ref = torchvision.models.resnet18(weights=None)
+    torch.save(ref.state_dict(), folder / "resnet18-f37072fd.pth")
+    monkeypatch.setattr(socket, "create_connection", _no_download)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _no_download)
+    net = TwoStreamNet("resnet18", pretrained="imagenet")
+    assert torch.equal(net.stem_ir[0].weight, ref.conv1.weight)
+    assert torch.equal(net.shared[3][1].conv2.weight, ref.layer4[1].conv2.weight)
+
+
+def test_imagenet_download_goes_into_the_torch_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    torch.manual_seed(3)
+    ref = torchvision.models.resnet18(weights=None)
+    calls = []
+
+    def download(url, model_dir=None, **kwargs):       # stands in for torchvision's download
+        calls.append((url, model_dir, kwargs))
+        os.makedirs(model_dir, exist_ok=True)
+        torch.save(ref.state_dict(), os.path.join(model_dir, os.path.basename(url)))
+        return ref.state_dict()
+
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: _Connection())
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", download)
+    net = TwoStreamNet("resnet18", pretrained="imagenet")
+    folder = str(tmp_path / "home" / "hub" / "checkpoints")
+    assert len(calls) == 1                                   # the two later copies read the cache
+    assert calls[0][:2] == (model.IMAGENET_V1_URL.format("resnet18-f37072fd.pth"), folder)
+    assert calls[0][2]["check_hash"] and calls[0][2]["progress"]
+    assert torch.equal(net.stem_vis[0].weight, ref.conv1.weight)
 
 
 def test_checkpoint_roundtrip_and_method_check(tmp_path, net):

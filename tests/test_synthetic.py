@@ -225,7 +225,7 @@ def test_bad_input_gives_clear_errors(tmp_path):
     with pytest.raises(TypeError, match="images_per_cam"):
         S.ensure_synthetic(tmp_path / "a", layout="regdb", images_per_cam=3)
     with pytest.raises(ValueError, match="layout"):
-        S.ensure_synthetic(tmp_path / "a", layout="llcm")
+        S.ensure_synthetic(tmp_path / "a", layout="market")
     real = tmp_path / "real"
     real.mkdir()
     (real / "keep.txt").write_text("a real dataset")
