@@ -382,8 +382,9 @@ def _model_output(model_fn, x, modality):
 
 
 def extract_features(model_fn, images, height, width, batch_size=64, device="cpu", flip=True,
-                     num_workers=0, desc=None):
+                     num_workers=0, desc=None, interpolation="bilinear"):
     """Test features of an ImageList (docs/mult.md §9) -> float32 [N, D] on the CPU, rows in list order.
+    interpolation: of the resize to height x width ("bilinear" as MULT's code; MBMIL's resizes bicubic).
 
     model_fn(x [B, 3, H, W] on `device`, modality) -> [B, D] eval features; with `flip` the
     feature of the image and of its horizontal flip are averaged, then L2-normalised again.
@@ -396,7 +397,7 @@ def extract_features(model_fn, images, height, width, batch_size=64, device="cpu
     if batch_size < 1:
         raise ValueError(f"extract_features: batch_size must be >= 1, got {batch_size}")
     pin = torch.device(device).type == "cuda"
-    loader = torch.utils.data.DataLoader(ImageDataset(images, test_transform(height, width)),
+    loader = torch.utils.data.DataLoader(ImageDataset(images, test_transform(height, width, interpolation)),
                                          batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers, pin_memory=pin)
     out = None
@@ -459,15 +460,15 @@ def _finish_pool(pool):
             "modality": np.concatenate([np.full(len(s), s.modality, dtype=np.int64) for s in subs])}
 
 
-def _extractor(model_fn, height, width, batch_size, device, num_workers):
+def _extractor(model_fn, height, width, batch_size, device, num_workers, interpolation):
     return lambda images, desc: extract_features(model_fn, images, height, width, batch_size,
-                                                 device, True, num_workers, desc)
+                                                 device, True, num_workers, desc, interpolation)
 
 
 def evaluate_sysu(model_fn, root, modes=("all", "indoor"), trials=range(10), shot="single",
                   height=288, width=144, device="cpu", batch_size=64, num_workers=0,
                   save_features=None, save_ranklist=0, ranklist_dir=None, rerank=None,
-                  ranklist_images=0):
+                  ranklist_images=0, interpolation="bilinear"):
     """SYSU-MM01 protocol (docs/mult.md §9) -> {mode: {"protocol", "shot", "rerank", "trials": [{"trial",
     "R1", ..., "mINP", "num_query", "num_gallery", "num_valid"}], "mean": {...}, "std": {...}}},
     metrics in percent. Each image is extracted once: the query once, the gallery candidates of
@@ -480,7 +481,7 @@ def evaluate_sysu(model_fn, root, modes=("all", "indoor"), trials=range(10), sho
     if not modes or not set(modes) <= {"all", "indoor"} or not trials:
         raise ValueError(f"evaluate_sysu: modes must be a non-empty subset of ('all', 'indoor') "
                          f"and trials non-empty, got modes={modes}, trials={trials}")
-    extract = _extractor(model_fn, height, width, batch_size, device, num_workers)
+    extract = _extractor(model_fn, height, width, batch_size, device, num_workers, interpolation)
     pool, plan = {"row": {}, "parts": []}, []
     for mode in modes:
         candidates = sysu_gallery_candidates(root, mode)
@@ -500,7 +501,7 @@ def evaluate_sysu(model_fn, root, modes=("all", "indoor"), trials=range(10), sho
 
 def evaluate_regdb(model_fn, root, trial, directions=("v2t", "t2v"), height=288, width=144,
                    device="cpu", batch_size=64, num_workers=0, save_features=None,
-                   save_ranklist=0, ranklist_dir=None, rerank=None, ranklist_images=0):
+                   save_ranklist=0, ranklist_dir=None, rerank=None, ranklist_images=0, interpolation="bilinear"):
     """RegDB protocol on split `trial` (1..10; docs/mult.md §9) -> results as `evaluate_sysu`. The model
     must have been trained on the same split; combine 10 runs with `mean_over_trials`."""
     from data.regdb import regdb_test
@@ -508,7 +509,7 @@ def evaluate_regdb(model_fn, root, trial, directions=("v2t", "t2v"), height=288,
     if not directions or not set(directions) <= {"v2t", "t2v"}:
         raise ValueError(f"evaluate_regdb: directions must be a non-empty subset of ('v2t', "
                          f"'t2v'), got {directions}")
-    extract = _extractor(model_fn, height, width, batch_size, device, num_workers)
+    extract = _extractor(model_fn, height, width, batch_size, device, num_workers, interpolation)
     pool, plan = {"row": {}, "parts": []}, []
     for direction in directions:
         query, gallery = regdb_test(root, trial, direction=direction)
@@ -521,7 +522,7 @@ def evaluate_regdb(model_fn, root, trial, directions=("v2t", "t2v"), height=288,
 
 def evaluate_llcm(model_fn, root, directions=("i2v", "v2i"), trials=range(10), height=288, width=144,
                   device="cpu", batch_size=64, num_workers=0, save_features=None, save_ranklist=0,
-                  ranklist_dir=None, rerank=None, ranklist_images=0):
+                  ranklist_dir=None, rerank=None, ranklist_images=0, interpolation="bilinear"):
     """LLCM protocol (Zhang & Wang, CVPR 2023; data/llcm.py) -> results as `evaluate_sysu`, one
     setting per direction: "i2v" (infrared queries, the official default), "v2i" (visible queries),
     and on request "v2i_transposed" (the official code's visible-to-infrared mode, where the sampled
@@ -532,7 +533,7 @@ def evaluate_llcm(model_fn, root, directions=("i2v", "v2i"), trials=range(10), h
     if not directions or not set(directions) <= set(DIRECTIONS) or not trials:
         raise ValueError(f"evaluate_llcm: directions must be a non-empty subset of {DIRECTIONS} and "
                          f"trials non-empty, got directions={directions}, trials={trials}")
-    extract = _extractor(model_fn, height, width, batch_size, device, num_workers)
+    extract = _extractor(model_fn, height, width, batch_size, device, num_workers, interpolation)
     pool, plan = {"row": {}, "parts": []}, []
     for direction in directions:
         _pool_add(pool, llcm_gallery_candidates(root, direction), extract, f"{direction} sampled side")
@@ -1028,7 +1029,8 @@ def main(argv=None):
     else:
         common.update(height=args.height, width=args.width, device=args.device,
                       batch_size=args.batch_size, num_workers=args.workers,
-                      save_features=args.save_features)
+                      save_features=args.save_features,
+                      interpolation="bicubic" if meta.get("method") == "mbmil" else "bilinear")
         if args.dataset == "regdb":
             results = evaluate_regdb(model_fn, args.data_root, args.trial, **common)
         elif args.dataset == "llcm":

@@ -173,6 +173,10 @@ class Log:
 
     def __call__(self, msg):
         tqdm.write(msg)
+        self.file_only(msg)
+
+    def file_only(self, msg):
+        """Appends to log.txt without printing (the full tables the screen summarises)."""
         with open(os.path.join(self.out, "log.txt"), "a") as f:
             f.write(msg + "\n")
 
@@ -194,6 +198,10 @@ def check_test_set(args):
     if args.dataset == "regdb":
         from data.regdb import regdb_test
         settings = {d: regdb_test(args.data_root, args.trial, direction=d) for d in ("v2t", "t2v")}
+    elif args.dataset == "llcm":
+        from data.llcm import llcm_test
+        settings = {f"{d} trial {t}": llcm_test(args.data_root, direction=d, trial=t)
+                    for d in ("i2v", "v2i") for t in range(args.eval_trials)}
     else:
         from data.sysu import sysu_test
         settings = {f"{mode} trial {t}": sysu_test(args.data_root, mode=mode, trial=t)

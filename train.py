@@ -43,29 +43,39 @@ from model import TwoStreamNet, save_checkpoint
 # Dataset presets (docs/mult.md §8, §13; docs/mbmil.md §A.4). Applied first; anything given on the command line wins.
 # The synthetic preset is sized for the 2-core CPU demo: a ResNet-18 initialised by pretrain.py (the stand-in
 # for ImageNet weights), small images, few clusters per batch. The SYSU and RegDB presets are the papers'.
+# LLCM: neither paper nor its code gives values; the multi-camera SYSU-MM01 settings are used (eps 0.6, 300/200
+# iterations), as the unsupervised methods that report LLCM start from theirs. Its visible-to-infrared ratio
+# (1.21:1) is close to RegDB's 1:1, so MBMIL keeps every visible image in both steps (subset ratio 1.0).
 PRESETS = {
-    "sysu": dict(data_root="datasets/SYSU-MM01", arch="resnet50", pretrained="imagenet", height=288,
-                 width=144, epochs=90, stage_one_epochs=40, iters="300,200", eps=0.6, clusters=12,
-                 instances=12, lr_steps="20,60,80", eval_trials=10, workers=4),
-    "regdb": dict(data_root="datasets/RegDB", arch="resnet50", pretrained="imagenet", height=288,
-                  width=144, epochs=90, stage_one_epochs=40, iters="100,100", eps=0.3, clusters=12,
-                  instances=12, lr_steps="20,60,80", eval_trials=1, workers=4),
-    "synthetic": dict(data_root="datasets/synthetic", arch="resnet18", pretrained="synthetic", height=64,
-                      width=32, epochs=12, stage_one_epochs=6, iters="60,60", eps=0.5, clusters=8,
-                      instances=8, augment="light", lr_steps="6,9,11", eval_trials=10, workers=1),
+    "sysu": dict(data_root=evaluate.DATASET_ROOTS["sysu"], arch="resnet50", pretrained="imagenet", height=288, width=144, epochs=90, stage_one_epochs=40,
+                 iters="300,200", eps=0.6, global_eps=0.6, clusters=12, instances=12, lr_steps="20,60,80",
+                 eval_trials=10, workers=4),
+    "regdb": dict(data_root=evaluate.DATASET_ROOTS["regdb"], arch="resnet50", pretrained="imagenet", height=288, width=144, epochs=90, stage_one_epochs=40,
+                  iters="100,100", eps=0.3, global_eps=0.3, clusters=12, instances=12, lr_steps="20,60,80",
+                  eval_trials=1, workers=4),
+    "llcm": dict(data_root=evaluate.DATASET_ROOTS["llcm"], arch="resnet50", pretrained="imagenet", height=288, width=144, epochs=90, stage_one_epochs=40,
+                 iters="300,200", eps=0.6, global_eps=0.6, clusters=12, instances=12, lr_steps="20,60,80",
+                 eval_trials=10, workers=4),
+    "synthetic": dict(data_root=evaluate.DATASET_ROOTS["synthetic"], arch="resnet18", pretrained="synthetic", height=64, width=32, epochs=12, stage_one_epochs=6,
+                      iters="60,60", eps=0.5, global_eps=0.5, clusters=8, instances=8, augment="light",
+                      lr_steps="6,9,11", eval_trials=10, workers=1),
 }
 # MBMIL (docs/mbmil.md §A.4-A.5): two stages of 50 epochs, stage two with a fresh Adam and StepLR(20, 0.1) per
-# stage, 8 pseudo-ids x 16 instances, SYSU visible subset ratio 0.5.
+# stage, 8 pseudo-ids x 16 instances, SYSU visible subset ratio 0.5. The synthetic preset's steps (2 and 5
+# within each 6-epoch stage) put stage two's drops at epochs 8 and 11.
 MBMIL_PRESETS = {
     "sysu": dict(epochs=100, stage_one_epochs=50, iters="200,200", clusters=8, instances=16,
                  subset_ratio=0.5, lr_steps="20,40"),
     "regdb": dict(epochs=100, stage_one_epochs=50, iters="100,100", clusters=8, instances=16,
                   subset_ratio=1.0, lr_steps="20,40"),
-    "synthetic": dict(subset_ratio=0.5, clusters=8, instances=8, iters="60,30", lr_steps="8,11"),
+    "llcm": dict(epochs=100, stage_one_epochs=50, iters="200,200", clusters=8, instances=16,
+                 subset_ratio=1.0, lr_steps="20,40"),
+    "synthetic": dict(subset_ratio=0.5, clusters=8, instances=8, iters="60,30", lr_steps="2,5"),
 }
 DEFAULTS = dict(k1=30, k2=6, min_samples=4, lr=3.5e-4, weight_decay=5e-4, alpha=0.2, beta=0.7, temp=0.05,
                 sinkhorn_lambda=25.0, momentum=0.1, subset_ratio=1.0, hard_neg_k=50, intra_margin=0.2,
-                eval_every=1, extract_batch=128, augment="paper")
+                global_k1=30, global_k2=6, eval_every=1, extract_batch=128, augment="paper")
+REGDB_SPLITS = range(1, 11)
 # MBMIL's global step draws its batches' augmentations from the seed of epoch + this offset, apart from
 # the intra step's (which uses the epoch's own).
 GLOBAL_STEP_SEED_OFFSET = 100_000
@@ -75,10 +85,11 @@ def get_args_parser():
     p = argparse.ArgumentParser("vireid training (MULT / MBMIL)", add_help=True)
     a = p.add_argument
     a("--method", choices=("mult", "mbmil"), default="mult", help="mult (IJCV'24, default) or mbmil (AAAI'26)")
-    a("--dataset", choices=tuple(PRESETS), default="synthetic", help="synthetic (default demo), sysu, regdb")
+    a("--dataset", choices=tuple(PRESETS), default="synthetic", help="synthetic (default demo), sysu, regdb, llcm")
     a("--data-root", type=str, default=None, help="dataset folder (see README for the layouts)")
-    a("--trial", type=int, default=1, help="RegDB split 1..10; the protocol trains one model per split")
-    a("--allow-count-mismatch", action="store_true", help="accept a SYSU-MM01 with non-official counts")
+    a("--trial", type=str, default="1",
+      help="RegDB split 1..10, or all: the protocol trains one model per split, then averages the ten")
+    a("--allow-count-mismatch", action="store_true", help="accept a SYSU-MM01 or LLCM with non-official counts")
     a("--arch", choices=("resnet50", "resnet18"), default=None, help="backbone (paper: resnet50)")
     a("--pretrained", type=str, default=None,
       help="imagenet (torchvision V1 from the torch cache), a .pth path, none, or synthetic (pretrain.py; demo)")
@@ -109,6 +120,9 @@ def get_args_parser():
     a("--hard-neg-k", type=int, default=None, help="MBMIL: candidates of the multi-positive loss (50)")
     a("--intra-margin", type=float, default=None, help="MBMIL: margin of the centroid term (0.2)")
     a("--intra-loss", choices=("hybrid", "infonce"), default="hybrid", help="MBMIL intra-modality loss")
+    a("--global-k1", type=int, default=None, help="MBMIL: k1 of the modality-aware global clustering (30, even)")
+    a("--global-k2", type=int, default=None, help="MBMIL: k2 of the global clustering (6)")
+    a("--global-eps", type=float, default=None, help="MBMIL: DBSCAN eps of the global clustering (as --eps's preset)")
     a("--diagnostics", action=argparse.BooleanOptionalAction, default=None,
       help="also run the baselines on the same features each stage-two epoch (MULT: OT's labels; MBMIL: the plain "
            "Jaccard's clusters) and log their quality; changes no result (default: synthetic only)")
@@ -254,10 +268,11 @@ def global_pseudo_labels(feats_v, feats_r, vis, ir, glob_idx, args, log, record)
     feats_g = torch.cat([feats_v[glob_idx], feats_r])                               # [N_g + N_r, D]
     modality = np.r_[np.full(n_g, VIS), np.full(len(ir), IR)]
     gt = np.r_[vis.pids[glob_idx], ir.pids]
-    g_labels, _ = cluster(feats_g, args, log, "global (modality-aware)", gt, modality=modality)
+    g_labels, _ = cluster(feats_g, args, log, "global (modality-aware)", gt, modality=modality, step="global")
     record["global"] = diagnostics.global_cluster_stats(g_labels, modality, gt)
     if args.diagnostics:               # the plain Jaccard distance on the same features, for comparison
-        plain = clustering.dbscan(clustering.jaccard_similarity(feats_g, args.k1, args.k2), args.eps, args.min_samples)
+        plain = clustering.dbscan(clustering.jaccard_similarity(feats_g, args.global_k1, args.global_k2),
+                                  args.global_eps, args.min_samples)
         record["global_plain"] = diagnostics.global_cluster_stats(plain, modality, gt)
     log("global clusters: " + diagnostics.describe_global(record))
     if g_labels.max() < 0:
@@ -320,14 +335,22 @@ def extract(model, images, args):
     model.eval()
     return evaluate.extract_features(model.modality_fn(), images, args.height, args.width, device=args.device,
                                      batch_size=args.extract_batch, flip=False, num_workers=args.workers,
-                                     desc=f"features {'vis' if images.modality == VIS else 'ir'}").to(args.device)
+                                     desc=f"features {'vis' if images.modality == VIS else 'ir'}",
+                                     interpolation=test_interpolation(args)).to(args.device)
 
 
-def cluster(feats, args, log, name, gt=None, modality=None):
-    """Jaccard + DBSCAN (docs/mult.md §4) -> (labels int64 [N], similarity csr) with a one-line summary."""
+def test_interpolation(args):
+    """The resize of extraction and testing: bilinear as MULT's code, bicubic as MBMIL's."""
+    return "bicubic" if args.method == "mbmil" else "bilinear"
+
+
+def cluster(feats, args, log, name, gt=None, modality=None, step="intra"):
+    """Jaccard + DBSCAN (docs/mult.md §4) -> (labels int64 [N], similarity csr) with a one-line summary.
+    step "intra" takes --k1, --k2, --eps; "global" (MBMIL's) --global-k1, --global-k2, --global-eps."""
     t = time.time()
-    sim = clustering.jaccard_similarity(feats, args.k1, args.k2, modality=modality)
-    labels = clustering.dbscan(sim, args.eps, args.min_samples)
+    k1, k2, eps = (args.k1, args.k2, args.eps) if step == "intra" else (args.global_k1, args.global_k2, args.global_eps)
+    sim = clustering.jaccard_similarity(feats, k1, k2, modality=modality)
+    labels = clustering.dbscan(sim, eps, args.min_samples)
     log(diagnostics.describe_clusters(name, labels, gt) + f", {time.time() - t:.1f} s")
     return labels, sim
 
@@ -395,10 +418,12 @@ def run_evaluation(model, args, trials):
     """The official protocol of the dataset: SYSU all + indoor single-shot, or RegDB V->T and T->V."""
     fn = model.modality_fn()
     common = dict(height=args.height, width=args.width, device=args.device, batch_size=args.extract_batch,
-                  num_workers=args.workers)
+                  num_workers=args.workers, interpolation=test_interpolation(args))
     model.eval()
     if args.dataset == "regdb":
         return evaluate.evaluate_regdb(fn, args.data_root, args.trial, **common)
+    if args.dataset == "llcm":
+        return evaluate.evaluate_llcm(fn, args.data_root, trials=range(trials), **common)
     return evaluate.evaluate_sysu(fn, args.data_root, trials=range(trials), **common)
 
 
@@ -407,6 +432,8 @@ def run_evaluation(model, args, trials):
 
 def main(args):
     args = resolve_args(args)
+    if args.trial == "all":
+        return run_all_splits(args)
     preset = preset_args(args)
     plan = runs.plan_run(args, preset, learning_rate)        # every refusal about the folder; nothing written yet
     if args.threads:
@@ -428,13 +455,15 @@ def main(args):
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"])
         start, history, untrained = ckpt["epoch"], ckpt["history"], ckpt.get("untrained")
+        results = ckpt.get("results") if start == args.epochs else None   # a finished run: its own results
+    else:
+        results = None
 
     log = runs.open_run_folder(args, plan, history, preset)  # every check has passed: only now is it written
     log_start(log, args, preset, plan, caught, vis, ir, weights, start)
     if plan["mode"] == "fresh" and args.eval_untrained:
         untrained = run_evaluation(model, args, args.eval_trials)
         log("untrained model (reference for the learning curve):\n" + evaluate.format_table(untrained))
-    results = None
     for epoch in range(start, args.epochs):
         t0 = time.time()
         if args.method == "mbmil" and epoch == args.stage_one_epochs and epoch > 0:
@@ -466,10 +495,38 @@ def main(args):
         if epoch + 1 == args.stage_one_epochs:   # the branching point of stage-two ablations (--init-from)
             save_checkpoint(dict(state, stage_one_end=True), os.path.join(args.out, "stage1.pth"))
         log.metrics(record)
-    if results is None:  # a finished run resumed: evaluate its final model
+    if results is None:  # a finished run whose checkpoint predates saved results: evaluate its final model
         results = run_evaluation(model, args, args.eval_trials)
     report(results, untrained, history, args, log)
     return results
+
+
+def run_all_splits(args):
+    """RegDB's protocol: one model per split, 1..10 in turn, each in its own run folder (finished splits are
+    read back, an interrupted one resumes), then the ten-split table. Every split's lists and images are
+    checked before the first one trains."""
+    splits = []
+    for t in REGDB_SPLITS:
+        split = argparse.Namespace(**dict(vars(args), trial=t, out=os.path.join(args.out, f"trial{t}")
+                                          if args.out else None))
+        splits.append(resolve_args(split))
+        runs.plan_run(split, preset_args(split), learning_rate)     # refusals of any split, before training
+        load_training_set(split)
+        runs.check_test_set(split)
+    if args.check_images:
+        lists = [images for split in splits for images in (*load_training_set(split), *runs.check_test_set(split))]
+        runs.check_images(lists, args)
+    for split in splits:
+        tqdm.write(f"RegDB split {split.trial} of 10: {split.out}")
+        main(argparse.Namespace(**dict(vars(split), check_images=False)))
+    text, summary = evaluate.summarize_runs([split.out for split in splits])
+    folder = args.out or os.path.join(os.path.dirname(splits[0].out),
+                                      os.path.basename(splits[0].out).replace("_trial1", "_ten-splits", 1))
+    os.makedirs(folder, exist_ok=True)
+    runs.write_atomic(os.path.join(folder, "summary.txt"), text + "\n")
+    runs.write_atomic(os.path.join(folder, "summary.json"), json.dumps(summary, indent=2))
+    tqdm.write(f"RegDB, ten splits (one model each):\n{text}\nwritten to {folder}/summary.txt and summary.json")
+    return summary
 
 
 def build_model(args):
@@ -502,9 +559,13 @@ def log_start(log, args, preset, plan, caught, vis, ir, weights, start):
 
 
 def report(results, untrained, history, args, log):
+    """The full per-trial tables go to log.txt and results.json; the screen gets one compact table."""
     if untrained is not None:
-        log("untrained model:\n" + evaluate.format_table(untrained))
-    log(f"final model (last epoch, {history[-1]['epoch']}):\n" + evaluate.format_table(results))
+        log.file_only("untrained model:\n" + evaluate.format_table(untrained))
+    log.file_only(f"final model (last epoch, {history[-1]['epoch']}):\n" + evaluate.format_table(results))
+    log(f"final model (last epoch, {history[-1]['epoch']})" + (", against the untrained one" if untrained else "")
+        + ", means over the gallery trials:\n" + evaluate.format_summary(results, untrained)
+        + f"\nper-trial tables: {os.path.join(args.out, 'log.txt')}, {os.path.join(args.out, 'results.json')}")
     if args.select_on_test:
         scored = [r for r in history if "eval" in r]
         best = max(scored, key=lambda r: next(iter(r["eval"].values())))
@@ -514,26 +575,29 @@ def report(results, untrained, history, args, log):
 
 
 def load_training_set(args):
-    """(vis, ir) ImageLists of the training split; renders the synthetic set if needed."""
+    """(vis, ir) ImageLists of the training split; renders the synthetic demo set if needed. A folder holding a
+    set rendered by data.synthetic (its synthetic.json) is checked against the counts it recorded."""
     if args.dataset == "regdb":
         from data.regdb import regdb_train
         return regdb_train(args.data_root, args.trial)
-    from data.sysu import SYSU_TRAIN_COUNTS, sysu_train
-    expected = SYSU_TRAIN_COUNTS
-    if args.dataset == "synthetic":
-        from data.synthetic import META, ensure_synthetic
-        meta_path = os.path.join(args.data_root, META)
-        rendered = {}
-        if os.path.isfile(meta_path):  # a set rendered before, possibly with other sizes: keep them
-            with open(meta_path) as f:
-                meta = json.load(f)
-            if meta.get("layout") != "sysu":   # never overwrite another layout's set
-                raise SystemExit(f"{meta_path}: a synthetic set in the {meta.get('layout')!r} layout; "
-                                 "--dataset synthetic reads the SYSU-MM01 layout (python -m data.synthetic --out DIR)")
-            rendered = meta["args"]
-        # renders the default demo set if it is missing, or again if it is of an older format
-        expected = ensure_synthetic(args.data_root, progress=True, **rendered)["train_counts"]
-    return sysu_train(args.data_root, expected=None if args.allow_count_mismatch else expected)
+    from data.synthetic import META, ensure_synthetic
+    layout = "llcm" if args.dataset == "llcm" else "sysu"
+    meta_path = os.path.join(args.data_root, META)
+    meta = None
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("layout") != layout:   # never overwrite another layout's set
+            raise SystemExit(f"train.py: error: {meta_path}: a synthetic set in the {meta.get('layout')!r} layout; "
+                             f"--dataset {args.dataset} reads the {layout} layout")
+    if args.dataset == "synthetic":   # the demo set: rendered if missing, again if of an older format, same sizes
+        meta = ensure_synthetic(args.data_root, progress=True, **(meta["args"] if meta else {}))
+    if layout == "llcm":
+        from data.llcm import LLCM_TRAIN_COUNTS as official, llcm_train as read
+    else:
+        from data.sysu import SYSU_TRAIN_COUNTS as official, sysu_train as read
+    expected = meta["train_counts"] if meta else official
+    return read(args.data_root, expected=None if args.allow_count_mismatch else expected)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -561,6 +625,8 @@ def fill_presets(args):
     args.lr_steps = parse_ints(args.lr_steps, "--lr-steps", minimum=0)
     if args.dataset != "regdb":
         args.trial = None
+    elif str(args.trial).isdigit():
+        args.trial = int(args.trial)
     for flag in ("eval_untrained", "diagnostics"):   # the demo's extras
         if getattr(args, flag) is None:
             setattr(args, flag, args.dataset == "synthetic")
@@ -595,7 +661,7 @@ def check_flags(args):
             value = getattr(args, flag.lstrip("-").replace("-", "_"))
             raise SystemExit(f"train.py: error: {flag} must be {expected}, got {value!r}")
     if args.dataset == "regdb":
-        need(args.trial in range(1, 11), "--trial", "in 1..10 for RegDB (one model per split)")
+        need(args.trial in REGDB_SPLITS or args.trial == "all", "--trial", "in 1..10 or all for RegDB (one model per split)")
     need(args.epochs >= 1, "--epochs", ">= 1")
     need(0 <= args.stage_one_epochs <= args.epochs, "--stage-one-epochs", f"in 0..--epochs ({args.epochs})")
     need(len(args.iters) == 2, "--iters", "'N' or 'stage1,stage2'")
@@ -605,7 +671,10 @@ def check_flags(args):
                  "--eval-trials", "--extract-batch"):
         need(getattr(args, flag[2:].replace("-", "_")) >= 1, flag, "an integer >= 1")
     need(args.k1 >= 2 and args.k1 >= args.k2, "--k1", f">= 2 and >= --k2 ({args.k2})")
-    need(args.method != "mbmil" or args.k1 % 2 == 0, "--k1", "even for MBMIL (k1/2 neighbours per modality)")
+    need(args.global_k1 >= 2 and args.global_k1 % 2 == 0 and args.global_k1 >= args.global_k2, "--global-k1",
+         f"even (k1/2 neighbours per modality), >= 2 and >= --global-k2 ({args.global_k2})")
+    need(args.global_k2 >= 1, "--global-k2", "an integer >= 1")
+    need(0 < args.global_eps <= 1, "--global-eps", "in (0, 1] (a Jaccard distance)")
     need(args.lr > 0, "--lr", "> 0")
     need(args.weight_decay >= 0, "--weight-decay", ">= 0")
     need(0 < args.eps <= 1, "--eps", "in (0, 1] (a Jaccard distance)")

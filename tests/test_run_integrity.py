@@ -185,7 +185,7 @@ def test_init_from_refuses_another_stage_one(tiny_root, tmp_path, capsys):
     (["--clusters", "0"], "--clusters"), (["--beta", "1.5"], "--beta"), (["--eps", "0"], "--eps"),
     (["--seed", "-1"], "--seed"), (["--lr-steps", "x"], "--lr-steps"), (["--dataset", "regdb", "--trial", "11"], "--trial"),
     (["--resume", "nowhere.pth"], "--resume"), (["--init-from", "nowhere.pth"], "--init-from"),
-    (["--overwrite"], "--overwrite"), (["--method", "mbmil", "--k1", "7"], "--k1")])
+    (["--overwrite"], "--overwrite"), (["--method", "mbmil", "--global-k1", "7"], "--global-k1")])
 def test_bad_flags_refused_before_anything_is_written(tiny_root, tmp_path, capsys, argv, named):
     out = tmp_path / "run"
     refused(capsys, str(tmp_path), "--data-root", tiny_root, "--out", str(out), *TINY, *TWO, *argv, names=[named])
