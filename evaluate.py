@@ -382,7 +382,7 @@ def _model_output(model_fn, x, modality):
 
 
 def extract_features(model_fn, images, height, width, batch_size=64, device="cpu", flip=True,
-                     num_workers=0, desc=None, interpolation="bilinear"):
+                     num_workers=0, desc=None, interpolation="bilinear", progress=True):
     """Test features of an ImageList (docs/mult.md §9) -> float32 [N, D] on the CPU, rows in list order.
     interpolation: of the resize to height x width ("bilinear" as MULT's code; MBMIL's resizes bicubic).
 
@@ -402,7 +402,7 @@ def extract_features(model_fn, images, height, width, batch_size=64, device="cpu
                                          num_workers=num_workers, pin_memory=pin)
     out = None
     with torch.no_grad():
-        for x, index in tqdm(loader, desc=desc or "features", unit="batch", file=sys.stderr):
+        for x, index in tqdm(loader, desc=desc or "features", unit="batch", file=sys.stderr, disable=not progress):
             x = x.to(device, non_blocking=True)                     # [B, 3, H, W]
             f = _model_output(model_fn, x, images.modality)         # [B, D]
             if flip:

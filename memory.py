@@ -334,21 +334,24 @@ class HybridMemory:
         self.momentum, self.temp = float(d["momentum"]), float(d["temp"])
 
 
-def intra_loss(memory, feats, labels, margin=0.2, hybrid=True):
+def intra_loss(memory, feats, labels, margin=0.2, hybrid=True, batch_mean=None):
     """Intra-modality loss (§A.3): ½[CE(hard) + max(0, CE(centroid) − margin)].
 
     hybrid=False gives plain InfoNCE on the centroid bank, CE(centroid). CE is the batch-mean
     hard-label cross-entropy of f̄ Mᵀ/τ. feats [B, D], labels int [B] in 0..K-1.
     Paper vs official code: the paper (per its summary) writes plain InfoNCE; the hybrid form
     with the 0.2 clamp is only in the official code and is our default.
+    batch_mean: applied to each batch-mean CE before the clamp; a batch split over processes passes the
+    mean over all of them (the clamp of the whole batch's mean is not the mean of clamped shares).
     """
     hard_logits, centroid_logits = memory.logits(feats)
     labels = _check_labels(labels, feats.shape[0], memory.centroid.shape[0], "labels", False)
     labels = labels.to(centroid_logits.device)
-    ce_centroid = F.cross_entropy(centroid_logits, labels)
+    mean = batch_mean or (lambda x: x)     # over several processes: the mean over the whole batch
+    ce_centroid = mean(F.cross_entropy(centroid_logits, labels))
     if not hybrid:
         return ce_centroid
-    return 0.5 * (F.cross_entropy(hard_logits, labels) + torch.clamp(ce_centroid - margin, min=0))
+    return 0.5 * (mean(F.cross_entropy(hard_logits, labels)) + torch.clamp(ce_centroid - margin, min=0))
 
 
 def split_prototypes(feats, global_labels, modality):

@@ -33,7 +33,7 @@ from model import load_checkpoint
 # Flags that cannot change what a run computes or reports: they may differ between a run and its resume.
 RUNTIME_FLAGS = frozenset({"out", "resume", "overwrite", "init_from", "check_images", "workers", "device",
                            "threads", "extract_batch", "eval_every", "eval_untrained", "select_on_test",
-                           "allow_count_mismatch"})
+                           "allow_count_mismatch", "diagnostics", "dist_timeout", "rank", "world_size"})
 # Flags that stage one never reads: a stage two may branch off a shared stage one with other values.
 STAGE_TWO_FLAGS = frozenset({"association", "oclr", "alpha", "beta", "sinkhorn_lambda", "hard_neg_k",
                              "epochs", "eval_trials", "iters", "lr_steps"})   # iters, lr_steps: compared per stage
@@ -120,7 +120,7 @@ def plan_run(args, preset, learning_rate):
         if args.epochs < ckpt["epoch"]:
             raise SystemExit(f"train.py: error: --epochs {args.epochs}, but {path} has {ckpt['epoch']} epochs "
                              f"done; give --epochs >= {ckpt['epoch']} (or another --out)")
-        return {"mode": "resume", "path": path, "ckpt": ckpt, "own": path == own}
+        return {"mode": "resume", "path": path, "ckpt": ckpt, "own": path == own, "log_bytes": ckpt.get("log_bytes", 0)}
     if present:   # results.json or stage1.pth without last.pth: not a state this code leaves
         raise SystemExit(f"train.py: error: {args.out} holds {', '.join(present)} but no last.pth to resume "
                          f"from; give another --out, or --resume none --overwrite to replace it")
@@ -149,7 +149,7 @@ def open_run_folder(args, plan, history, preset):
             if os.path.isfile(os.path.join(args.out, name)):
                 os.remove(os.path.join(args.out, name))
     log_path = os.path.join(args.out, "log.txt")
-    keep = plan["ckpt"].get("log_bytes", 0) if plan.get("own") else 0
+    keep = plan.get("log_bytes", 0) if plan.get("own") else 0
     if os.path.isfile(log_path) and os.path.getsize(log_path) > keep:
         with open(log_path, "r+b") as f:
             f.truncate(keep)
@@ -163,6 +163,18 @@ def write_atomic(path, text):
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
+
+
+class NullLog:
+    """The log of a rank other than 0: it says and writes nothing."""
+
+    def __call__(self, msg):
+        pass
+
+    file_only = metrics = __call__
+
+    def size(self):
+        return 0
 
 
 class Log:

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 import clustering
 import diagnostics
+import distributed
 import evaluate
 import memory
 import mult
@@ -38,7 +39,7 @@ import runs
 from data import samplers, transforms
 from data.common import VIS, IR
 from data.loader import TrainBatches
-from model import TwoStreamNet, save_checkpoint
+from model import TwoStreamNet, load_checkpoint, save_checkpoint
 
 # Dataset presets (docs/mult.md §8, §13; docs/mbmil.md §A.4). Applied first; anything given on the command line wins.
 # The synthetic preset is sized for the 2-core CPU demo: a ResNet-18 initialised by pretrain.py (the stand-in
@@ -139,8 +140,13 @@ def get_args_parser():
       help="a stage1.pth: start this run's stage two from that shared stage one (its stage-one flags must agree)")
     a("--check-images", action=argparse.BooleanOptionalAction, default=True,
       help="decode every training and test image once before training (default on)")
-    a("--device", type=str, default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    a("--amp", action=argparse.BooleanOptionalAction, default=False, help="mixed precision on CUDA (off)")
+    a("--device", type=str, default=None, help="cpu, cuda, cuda:1 (default: cuda if available; torchrun: cuda:LOCAL_RANK)")
+    a("--amp", choices=("off", "bf16", "fp16"), default="off",
+      help="mixed precision of the backbone (off); memories, losses and clustering stay float32; fp16 scales the loss")
+    a("--channels-last", action=argparse.BooleanOptionalAction, default=False, help="channels-last memory format")
+    a("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
+      help="under torchrun, BatchNorm statistics of the whole global batch (default; --no-sync-bn: each rank's share)")
+    a("--dist-timeout", type=int, default=1800, help="seconds a rank waits for the others before it stops (1800)")
     a("--workers", type=int, default=None, help="data-loading processes")
     a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a("--extract-batch", type=int, default=None, help="batch size of feature extraction")
@@ -150,49 +156,66 @@ def get_args_parser():
 # ---------------------------------------------------------------------------------------------------
 # MULT: one epoch (docs/mult.md §3)
 
-def mult_epoch(model, optimizer, vis, ir, epoch, args, log):
+def mult_epoch(net, optimizer, vis, ir, epoch, args, log):
     """Pseudo-labels, then one epoch of MULT training. The epoch record, or None when DBSCAN found no cluster."""
-    stage = stage_of(epoch, args)
-    feats_v, feats_r = extract(model, vis, args), extract(model, ir, args)          # [N_v, D], [N_r, D]
-    labels_v, sim_v = cluster(feats_v, args, log, "vis", vis.pids)                  # [N_v], csr [N_v, N_v]
-    labels_r, sim_r = cluster(feats_r, args, log, "ir", ir.pids)
-    if labels_v.max() < 0 or labels_r.max() < 0:
+    stage, world = stage_of(epoch, args), world_of(args)
+    feats_v, feats_r = extract(net, vis, args), extract(net, ir, args)              # [N_v, D], [N_r, D]
+    pseudo = distributed.from_rank_zero(                                            # the same on every rank
+        lambda: mult_pseudo_labels(feats_v, feats_r, vis, ir, stage, args, log), world)
+    if pseudo is None:
         return None
-    record = {"clusters_vis": int(labels_v.max()) + 1, "clusters_ir": int(labels_r.max()) + 1}
+    record, labels_v, labels_r = pseudo["record"], pseudo["labels_v"], pseudo["labels_r"]
     rng = np.random.default_rng([args.seed, epoch])
     bank_v, bank_r = centers(feats_v, labels_v, args), centers(feats_r, labels_r, args)   # [K_v, D], [K_r, D]
     if stage == 1:                     # intra-modality memories only (§7.2)
         banks = {"v": cluster_memory(bank_v, args), "r": cluster_memory(bank_r, args)}
         hard, soft = {"v": labels_v, "r": labels_r}, None
         batches = samplers.stage_one_batches(labels_v, labels_r, args.iters[0], args.clusters, args.instances, rng)
-    else:                              # label transfer (§5), then six memories for AMIRL and OCLR (§7.3-7.5)
+    else:                              # six memories for AMIRL and OCLR (§7.3-7.5)
+        banks = {name: cluster_memory(bank_v if name in ("v", "rv", "cv") else bank_r, args)
+                 for name in ("v", "r", "rv", "vr", "cv", "cr")}
+        hard, soft = pseudo["hard"], pseudo["soft"]
+        batches = samplers.stage_two_batches(hard["vv"], hard["rv"], hard["vr"], hard["rr"], args.iters[1],
+                                             args.clusters, args.instances, rng)
+    loader = make_loader(vis, ir, batches, args, epoch, stage)
+    hard = {k: torch.as_tensor(v, device=args.device) for k, v in hard.items()}
+    loss, parts, curve = train_mult(net, optimizer, loader, banks, epoch, args, hard, soft)
+    record.update(stage=stage, loss=loss, **{f"loss_{k}": v for k, v in parts.items()}, loss_per_iteration=curve)
+    return record
+
+
+def mult_pseudo_labels(feats_v, feats_r, vis, ir, stage, args, log):
+    """Per-modality Jaccard + DBSCAN (§4); in stage two the label transfer (§5) with its β-mixed targets
+    (§5.5). A dict of labels, or None when DBSCAN found no cluster."""
+    labels_v, sim_v = cluster(feats_v, args, log, "vis", vis.pids)                  # [N_v], csr [N_v, N_v]
+    labels_r, sim_r = cluster(feats_r, args, log, "ir", ir.pids)
+    if labels_v.max() < 0 or labels_r.max() < 0:
+        return None
+    record = {"clusters_vis": int(labels_v.max()) + 1, "clusters_ir": int(labels_r.max()) + 1}
+    out = {"record": record, "labels_v": labels_v, "labels_r": labels_r}
+    if stage == 2:
         lt = associate(args.association, feats_v, feats_r, labels_v, labels_r, sim_v, sim_r, args, log)
         record["cross_accuracy"] = diagnostics.cross_accuracies(lt, vis, ir, labels_v, labels_r)
         if args.diagnostics and args.association == "mult":
             ot = associate("ot", feats_v, feats_r, labels_v, labels_r, sim_v, sim_r, args)
             record["cross_accuracy_ot"] = diagnostics.cross_accuracies(ot, vis, ir, labels_v, labels_r)
         log(diagnostics.describe_association(args.association, record))
-        banks = {name: cluster_memory(bank_v if name in ("v", "rv", "cv") else bank_r, args)
-                 for name in ("v", "r", "rv", "vr", "cv", "cr")}
-        hard = {"vv": lt.labels_v, "rr": lt.labels_r, "vr": lt.cross_v, "rv": lt.cross_r}
         mixed = lt.mixed(args.beta)    # CE targets β·onehot(h) + (1-β)·Y* (§5.5)
-        soft = {"vv": mixed.soft_v, "rr": mixed.soft_r, "vr": mixed.soft_cross_v, "rv": mixed.soft_cross_r}
-        batches = samplers.stage_two_batches(hard["vv"], hard["rv"], hard["vr"], hard["rr"], args.iters[1],
-                                             args.clusters, args.instances, rng)
-    loader = make_loader(vis, ir, batches, args, epoch, stage)
-    hard = {k: torch.as_tensor(v, device=args.device) for k, v in hard.items()}
-    loss, parts = train_mult(model, optimizer, loader, banks, epoch, args, hard, soft)
-    record.update(stage=stage, loss=loss, **{f"loss_{k}": v for k, v in parts.items()})
-    return record
+        out["hard"] = {"vv": lt.labels_v, "rr": lt.labels_r, "vr": lt.cross_v, "rv": lt.cross_r}
+        out["soft"] = {"vv": mixed.soft_v, "rr": mixed.soft_r, "vr": mixed.soft_cross_v, "rv": mixed.soft_cross_r}
+    return out
 
 
-def train_mult(model, optimizer, loader, banks, epoch, args, hard, soft=None):
-    """MULT stage one (§7.2) when `soft` is None, else stage two (AMIRL + OCLR, §7.3-7.5): mean losses."""
-    model.train()
-    total, parts_sum = 0.0, {}
-    for it, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, file=sys.stderr)):
-        vi, ri = batch["vis_index"].to(args.device), batch["ir_index"].to(args.device)    # [B], [B]
-        f_v0, f_v1, f_r = forward_batch(model, batch, args)                                # each [B, D]
+def train_mult(net, optimizer, loader, banks, epoch, args, hard, soft=None):
+    """MULT stage one (§7.2) when `soft` is None, else stage two (AMIRL + OCLR, §7.3-7.5).
+    Returns the mean loss, the mean of each part, and the loss of every iteration (global batch)."""
+    net.train()
+    world = world_of(args)
+    curve, parts_sum = [], {}
+    for it, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, file=sys.stderr,
+                                    disable=not world.main)):
+        vi, ri = batch["vis_index"].to(args.device), batch["ir_index"].to(args.device)    # [B], [B] this rank's
+        f_v0, f_v1, f_r = forward_batch(net, batch, args)                                  # each [B, D]
         if soft is None:
             loss, updates = memory.stage_one_loss(banks, f_v0, f_v1, f_r, hard["v"][vi], hard["r"][ri])
         else:
@@ -201,12 +224,13 @@ def train_mult(model, optimizer, loader, banks, epoch, args, hard, soft=None):
                 banks, f_v0, f_v1, f_r, {k: hard[k][r] for k, r in rows.items()},
                 {k: soft[k][r] for k, r in rows.items()}, epoch, oclr=args.oclr)
             for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + v
+                parts_sum[k] = parts_sum.get(k, 0.0) + distributed.mean_over_ranks(v, world)
         optimise(optimizer, loss, epoch, it)
-        memory.apply_updates(banks, updates)
-        total += loss.item()
+        memory.apply_updates(banks, [(name, distributed.gather_rows(f, world), distributed.gather_rows(y, world))
+                                     for name, f, y in updates])          # the global batch, in position order
+        curve.append(distributed.mean_over_ranks(loss.item(), world))
     n = max(len(loader), 1)
-    return total / n, {k: v / n for k, v in parts_sum.items()}
+    return sum(curve) / n, {k: v / n for k, v in parts_sum.items()}, curve
 
 
 def associate(method, feats_v, feats_r, labels_v, labels_r, sim_v, sim_r, args, log=None):
@@ -223,32 +247,46 @@ def associate(method, feats_v, feats_r, labels_v, labels_r, sim_v, sim_r, args, 
 # ---------------------------------------------------------------------------------------------------
 # MBMIL: one epoch (docs/mbmil.md §A.2-A.5)
 
-def mbmil_epoch(model, optimizer, vis, ir, epoch, args, log):
+def mbmil_epoch(net, optimizer, vis, ir, epoch, args, log):
     """Pseudo-labels, then one epoch of MBMIL training. The epoch record, or None when DBSCAN found no cluster."""
-    stage = stage_of(epoch, args)
+    stage, world = stage_of(epoch, args), world_of(args)
     rng = np.random.default_rng([args.seed, epoch])
-    feats_v, feats_r = extract(model, vis, args), extract(model, ir, args)          # [N_v, D], [N_r, D]
+    feats_v, feats_r = extract(net, vis, args), extract(net, ir, args)              # [N_v, D], [N_r, D]
     intra_idx, glob_idx = visible_split(len(vis), args.subset_ratio, rng)
+    pseudo = distributed.from_rank_zero(                                            # the same on every rank
+        lambda: mbmil_pseudo_labels(feats_v, feats_r, vis, ir, intra_idx, glob_idx, stage, args, log), world)
+    if pseudo is None:
+        return None
+    record, labels_v, labels_r = pseudo["record"], pseudo["labels_v"], pseudo["labels_r"]
+    intra = {"v": torch.as_tensor(labels_v, device=args.device), "r": torch.as_tensor(labels_r, device=args.device)}
+    mems = (hybrid_memory(centers(feats_v, labels_v, args), args), hybrid_memory(centers(feats_r, labels_r, args), args))
+    batches = samplers.stage_one_batches(labels_v, labels_r, args.iters[stage - 1], args.clusters,
+                                         args.instances, rng)
+    loaders, glob = [make_loader(vis, ir, batches, args, epoch, stage)], pseudo.get("global")
+    if glob is not None:
+        glob["memory"] = hybrid_memory(glob["protos_init"], args)
+        gbatches = samplers.stage_one_batches(glob["labels_v"], glob["labels_r"], args.iters[1], args.clusters,
+                                              args.instances, rng)
+        loaders.append(make_loader(vis, ir, gbatches, args, epoch + GLOBAL_STEP_SEED_OFFSET, stage))
+    record.update(train_mbmil(net, optimizer, loaders, mems, intra, glob, epoch, args))
+    return record
+
+
+def mbmil_pseudo_labels(feats_v, feats_r, vis, ir, intra_idx, glob_idx, stage, args, log):
+    """Per-modality clustering for the intra step (the visible subset only); in stage two the global one
+    (§A.2-A.3). A dict of labels, or None when DBSCAN found no cluster."""
     labels_v = np.full(len(vis), -1, dtype=np.int64)                               # outside the subset: -1
     labels_v[intra_idx], _ = cluster(feats_v[intra_idx], args, log, "vis (intra subset)", vis.pids[intra_idx])
     labels_r, _ = cluster(feats_r, args, log, "ir", ir.pids)
     if labels_v.max() < 0 or labels_r.max() < 0:
         return None
     record = {"clusters_vis": int(labels_v.max()) + 1, "clusters_ir": int(labels_r.max()) + 1, "stage": stage}
-    intra = {"v": torch.as_tensor(labels_v, device=args.device), "r": torch.as_tensor(labels_r, device=args.device)}
-    mems = (hybrid_memory(centers(feats_v, labels_v, args), args), hybrid_memory(centers(feats_r, labels_r, args), args))
-    batches = samplers.stage_one_batches(labels_v, labels_r, args.iters[stage - 1], args.clusters,
-                                         args.instances, rng)
-    loaders, glob = [make_loader(vis, ir, batches, args, epoch, stage)], None
+    out = {"record": record, "labels_v": labels_v, "labels_r": labels_r}
     if stage == 2:
-        glob = global_pseudo_labels(feats_v, feats_r, vis, ir, glob_idx, args, log, record)
-        if glob is None:
+        out["global"] = global_pseudo_labels(feats_v, feats_r, vis, ir, glob_idx, args, log, record)
+        if out["global"] is None:
             return None
-        gbatches = samplers.stage_one_batches(glob["labels_v"], glob["labels_r"], args.iters[1], args.clusters,
-                                              args.instances, rng)
-        loaders.append(make_loader(vis, ir, gbatches, args, epoch + GLOBAL_STEP_SEED_OFFSET, stage))
-    record.update(train_mbmil(model, optimizer, loaders, mems, intra, glob, epoch, args))
-    return record
+    return out
 
 
 def visible_split(n_v, ratio, rng):
@@ -284,40 +322,45 @@ def global_pseudo_labels(feats_v, feats_r, vis, ir, glob_idx, args, log, record)
     proto_v = torch.full((len(vis),), -1, dtype=torch.int64, device=args.device)   # prototype row per visible row
     proto_v[to_dev(glob_idx)] = proto_index[:n_g]
     return {"labels_v": labels_v, "labels_r": g_labels[n_g:], "v": to_dev(labels_v), "r": to_dev(g_labels[n_g:]),
-            "pv": proto_v, "pr": proto_index[n_g:], "protos": proto_labels, "memory": hybrid_memory(protos, args)}
+            "pv": proto_v, "pr": proto_index[n_g:], "protos": proto_labels, "protos_init": protos}
 
 
-def train_mbmil(model, optimizer, loaders, mems, intra, glob, epoch, args):
+def train_mbmil(net, optimizer, loaders, mems, intra, glob, epoch, args):
     """Per iteration: the intra-modality step, then (stage two) the global split-and-contrast step (§A.3)."""
-    model.train()
+    net.train()
+    world = world_of(args)
+    gather = lambda x: distributed.gather_rows(x, world)                            # noqa: E731
+    mean = lambda x: distributed.global_mean(x, world)                              # noqa: E731
     mem_v, mem_r = mems
     sums = {"loss_intra": 0.0, "loss_global": 0.0}
     batches = zip(*loaders) if len(loaders) == 2 else ((b, None) for b in loaders[0])
     for it, (batch, gbatch) in enumerate(tqdm(batches, total=len(loaders[0]), desc=f"epoch {epoch}",
-                                              leave=False, file=sys.stderr)):
+                                              leave=False, file=sys.stderr, disable=not world.main)):
         # (1) L_intra^vis + L_intra^ir: both visible views share the pseudo-label.
         vi, ri = batch["vis_index"].to(args.device), batch["ir_index"].to(args.device)
-        f_v0, f_v1, f_r = forward_batch(model, batch, args)
+        f_v0, f_v1, f_r = forward_batch(net, batch, args)
         f_v, y_v, y_r = torch.cat([f_v0, f_v1]), intra["v"][vi].repeat(2), intra["r"][ri]
         hybrid = args.intra_loss == "hybrid"
-        loss = (memory.intra_loss(mem_v, f_v, y_v, margin=args.intra_margin, hybrid=hybrid)
-                + memory.intra_loss(mem_r, f_r, y_r, margin=args.intra_margin, hybrid=hybrid))
+        loss = (memory.intra_loss(mem_v, f_v, y_v, margin=args.intra_margin, hybrid=hybrid, batch_mean=mean)
+                + memory.intra_loss(mem_r, f_r, y_r, margin=args.intra_margin, hybrid=hybrid, batch_mean=mean))
         optimise(optimizer, loss, epoch, it)
-        mem_v.update(f_v.detach(), y_v)
-        mem_r.update(f_r.detach(), y_r)
-        sums["loss_intra"] += loss.item()
+        mem_v.update(torch.cat([gather(f_v0.detach()), gather(f_v1.detach())]), gather(intra["v"][vi]).repeat(2))
+        mem_r.update(gather(f_r.detach()), gather(y_r))
+        sums["loss_intra"] += distributed.mean_over_ranks(loss.item(), world)
         if gbatch is None:
             continue
         # (2) ½(L_glb^ir + L_glb^vis): multi-positive contrast over modality-specific prototypes.
         vi, ri = gbatch["vis_index"].to(args.device), gbatch["ir_index"].to(args.device)
-        g_v0, g_v1, g_r = forward_batch(model, gbatch, args)
+        g_v0, g_v1, g_r = forward_batch(net, gbatch, args)
         g_v = torch.cat([g_v0, g_v1])
         mem_g = glob["memory"]
         loss = 0.5 * (memory.global_loss(mem_g, g_r, glob["r"][ri], glob["protos"], args.hard_neg_k)
                       + memory.global_loss(mem_g, g_v, glob["v"][vi].repeat(2), glob["protos"], args.hard_neg_k))
         optimise(optimizer, loss, epoch, it)
-        mem_g.update(torch.cat([g_v, g_r]).detach(), torch.cat([glob["pv"][vi].repeat(2), glob["pr"][ri]]))
-        sums["loss_global"] += loss.item()
+        proto_v = gather(glob["pv"][vi])
+        mem_g.update(torch.cat([gather(g_v0.detach()), gather(g_v1.detach()), gather(g_r.detach())]),
+                     torch.cat([proto_v, proto_v, gather(glob["pr"][ri])]))
+        sums["loss_global"] += distributed.mean_over_ranks(loss.item(), world)
     n = max(len(loaders[0]), 1)
     out = {k: v / n for k, v in sums.items() if glob is not None or k == "loss_intra"}
     return dict(out, loss=sum(out.values()))
@@ -330,13 +373,24 @@ def stage_of(epoch, args):
     return 1 if epoch < args.stage_one_epochs else 2
 
 
-def extract(model, images, args):
-    """Eval features of every image of one modality, no flip (the clustering input): [N, D] on the device."""
+def world_of(args):
+    """This process's place among the --world-size ones (one, without torchrun)."""
+    return distributed.World(args.rank, args.world_size, args.device)
+
+
+def extract(net, images, args):
+    """Eval features of every image of one modality, no flip (the clustering input): [N, D] on the device,
+    in row order. Each rank extracts a contiguous share of the rows; every rank gets all of them."""
+    model = getattr(net, "module", net)          # the network itself, outside DistributedDataParallel
     model.eval()
-    return evaluate.extract_features(model.modality_fn(), images, args.height, args.width, device=args.device,
-                                     batch_size=args.extract_batch, flip=False, num_workers=args.workers,
-                                     desc=f"features {'vis' if images.modality == VIS else 'ir'}",
-                                     interpolation=test_interpolation(args)).to(args.device)
+    world = world_of(args)
+    lo, hi = distributed.share(len(images), world)
+    feats = evaluate.extract_features(model.modality_fn(), images.subset(np.arange(lo, hi)), args.height, args.width,
+                                      device=args.device, batch_size=args.extract_batch, flip=False,
+                                      num_workers=args.workers, interpolation=test_interpolation(args),
+                                      desc=f"features {'vis' if images.modality == VIS else 'ir'}",
+                                      progress=world.main)
+    return distributed.gather_rows(feats.to(args.device), world)
 
 
 def test_interpolation(args):
@@ -369,10 +423,12 @@ def hybrid_memory(entries, args):
 
 
 def make_loader(vis, ir, batches, args, epoch, stage):
-    """The epoch's batches as a DataLoader; the augmentations are seeded by (--seed, epoch)."""
+    """This rank's share of the epoch's batches as a DataLoader (contiguous positions of every global batch);
+    the augmentation of each position is seeded by (--seed, epoch, batch, global position)."""
     tfm = transforms.train_transforms(args.height, args.width, 2 if args.augment == "light" else stage,
                                       method=args.method, pad=transforms.crop_pad(args.height))
-    data = TrainBatches(vis, ir, tfm, batches, seed=epoch_seed(args, epoch))
+    lo, hi = distributed.share(batches.shape[1], world_of(args))
+    data = TrainBatches(vis, ir, tfm, batches[:, lo:hi], seed=epoch_seed(args, epoch), first_position=lo)
     return DataLoader(data, batch_size=None, shuffle=False, num_workers=args.workers,
                       persistent_workers=False)
 
@@ -381,29 +437,42 @@ def epoch_seed(args, epoch):
     return int(np.random.SeedSequence([args.seed, epoch, 0]).generate_state(1)[0])
 
 
-def forward_batch(model, batch, args):
-    """One forward of the two visible views and the IR images: (f_v0, f_v1, f_r), each [B, D]."""
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def forward_batch(net, batch, args):
+    """One forward of the two visible views and the IR images: (f_v0, f_v1, f_r), each [B, D]. Mixed precision
+    (--amp) covers the backbone only: the features leave it as float32, for the memories and the losses."""
     v0, v1, r = (batch[k].to(args.device, non_blocking=True) for k in ("v0", "v1", "r"))
-    with torch.autocast(device_type=torch.device(args.device).type, enabled=args.amp):
-        f = model(torch.cat([v0, v1]), r).float()
+    x_vis = torch.cat([v0, v1])
+    if args.channels_last:
+        x_vis, r = x_vis.contiguous(memory_format=torch.channels_last), r.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device_type=torch.device(args.device).type, dtype=AMP_DTYPES.get(args.amp),
+                        enabled=args.amp != "off"):
+        f = net(x_vis, r).float()
     b = v0.shape[0]
     return f[:b], f[b:2 * b], f[2 * b:]
 
 
 def optimise(optimizer, loss, epoch, it):
+    """One step; with --amp fp16 through the optimizer's loss scaler (a pass-through otherwise)."""
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, iteration {it}: stopping. The last "
                                  f"good checkpoint is last.pth of the previous epoch; try a lower --lr or --amp off.")
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    optimizer.scaler.scale(loss).backward()
+    optimizer.scaler.step(optimizer)
+    optimizer.scaler.update()
 
 
 def make_optimizer(model, args):
-    """Adam, two parameter groups (BN-neck and the rest) at the same lr (docs/mult.md §8)."""
+    """Adam, two parameter groups (BN-neck and the rest) at the same lr (docs/mult.md §8), with its fp16 loss
+    scaler attached (enabled by --amp fp16 only)."""
     neck = [p for p in model.bnneck.parameters() if p.requires_grad]
     rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("bnneck.")]
-    return torch.optim.Adam([{"params": rest}, {"params": neck}], lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.Adam([{"params": rest}, {"params": neck}], lr=args.lr, weight_decay=args.weight_decay)
+    optimizer.scaler = torch.amp.GradScaler(torch.device(args.device).type, enabled=args.amp == "fp16")
+    return optimizer
 
 
 def learning_rate(epoch, args):
@@ -415,7 +484,8 @@ def learning_rate(epoch, args):
 
 
 def run_evaluation(model, args, trials):
-    """The official protocol of the dataset: SYSU all + indoor single-shot, or RegDB V->T and T->V."""
+    """The official protocol of the dataset: SYSU all + indoor single-shot, RegDB V->T and T->V, or LLCM
+    IR->VIS and VIS->IR. Run by rank 0 alone."""
     fn = model.modality_fn()
     common = dict(height=args.height, width=args.width, device=args.device, batch_size=args.extract_batch,
                   num_workers=args.workers, interpolation=test_interpolation(args))
@@ -432,36 +502,64 @@ def run_evaluation(model, args, trials):
 
 def main(args):
     args = resolve_args(args)
+    size, batch = int(os.environ.get("WORLD_SIZE", "1")), args.clusters * args.instances
+    if batch % size:
+        raise SystemExit(f"train.py: error: a batch of --clusters {args.clusters} x --instances {args.instances} = "
+                         f"{batch} positions cannot be shared equally by {size} processes; give a batch "
+                         f"divisible by the number of processes (--clusters and --instances mean the whole batch)")
+    world = distributed.setup(args.device, args.dist_timeout)       # a world of one without torchrun
+    args.device, args.rank, args.world_size = world.device, world.rank, world.size
     if args.trial == "all":
         return run_all_splits(args)
+    return train(args, world)
+
+
+def train(args, world):
+    """One run: checks, then the epochs, then the report. Rank 0 alone checks, logs and writes."""
     preset = preset_args(args)
-    plan = runs.plan_run(args, preset, learning_rate)        # every refusal about the folder; nothing written yet
     if args.threads:
         torch.set_num_threads(args.threads)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        vis, ir = load_training_set(args)
-        test_sets = runs.check_test_set(args)
-    if args.check_images:
-        runs.check_images([vis, ir] + test_sets, args)
+    kept = {}
+
+    def prepare():   # every refusal, rendering and pretraining happens here, on rank 0, before any training
+        plan = runs.plan_run(args, preset, learning_rate)    # nothing is written yet
+        kept["ckpt"] = plan.pop("ckpt", None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            vis, ir = load_training_set(args)
+            test_sets = runs.check_test_set(args)
+        if args.check_images:
+            runs.check_images([vis, ir] + test_sets, args)
+        return {"plan": plan, "vis": vis, "ir": ir, "warnings": [str(w.message) for w in caught],
+                "weights": initial_weights(args)}
+    prepared = distributed.from_rank_zero(prepare, world)
+    plan, vis, ir = prepared["plan"], prepared["vis"], prepared["ir"]
+    ckpt = kept.get("ckpt") if world.main else load_checkpoint(plan["path"]) if plan["mode"] != "fresh" else None
+
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    model, weights = build_model(args)
+    model = TwoStreamNet(args.arch, prepared["weights"]).to(args.device)
+    if world.size > 1 and args.sync_bn:
+        distributed.global_batch_norm(model)                  # BN statistics of the whole global batch
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, args)
-    start, history, untrained = 0, [], None
-    if plan["mode"] != "fresh":
-        ckpt = plan["ckpt"]
+    start, history, untrained, results = 0, [], None, None
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            optimizer.scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["torch_rng"])
         start, history, untrained = ckpt["epoch"], ckpt["history"], ckpt.get("untrained")
         results = ckpt.get("results") if start == args.epochs else None   # a finished run: its own results
-    else:
-        results = None
+    net = model if world.size == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[torch.device(args.device).index] if args.device.startswith("cuda") else None,
+        broadcast_buffers=False)                              # buffers agree by construction (global BN)
 
-    log = runs.open_run_folder(args, plan, history, preset)  # every check has passed: only now is it written
-    log_start(log, args, preset, plan, caught, vis, ir, weights, start)
-    if plan["mode"] == "fresh" and args.eval_untrained:
+    log = runs.open_run_folder(args, plan, history, preset) if world.main else runs.NullLog()  # only now written
+    log_start(log, args, preset, plan, prepared["warnings"], vis, ir, prepared["weights"], start)
+    if plan["mode"] == "fresh" and args.eval_untrained and world.main:
         untrained = run_evaluation(model, args, args.eval_trials)
         log("untrained model (reference for the learning curve):\n" + evaluate.format_table(untrained))
     for epoch in range(start, args.epochs):
@@ -471,30 +569,32 @@ def main(args):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(epoch, args)
         step = mult_epoch if args.method == "mult" else mbmil_epoch
-        record = step(model, optimizer, vis, ir, epoch, args, log)
+        record = step(net, optimizer, vis, ir, epoch, args, log)
         if record is None:
             log(f"epoch {epoch}: DBSCAN found no cluster (eps {args.eps}); this epoch trains nothing and the model "
                 f"is unchanged. If this persists, raise --eps or check the features.")
             record = {"stage": stage_of(epoch, args), "skipped": "no clusters"}
         last = epoch == args.epochs - 1
-        if last or (epoch + 1) % args.eval_every == 0:
+        if world.main and (last or (epoch + 1) % args.eval_every == 0):
             results = run_evaluation(model, args, args.eval_trials if last else 1)
             record["eval"] = {name: round(r["mean"]["mAP"], 2) for name, r in results.items()}
         record.update(epoch=epoch, lr=learning_rate(epoch, args), time=round(time.time() - t0, 1))
         history.append(record)
         log(f"epoch {epoch} (stage {record['stage']}): " + ", ".join(
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
-            if k not in ("epoch", "stage", "cross_accuracy_ot", "global", "global_plain")))
-        # The checkpoint first, then the metrics line: a crash between the two leaves a line missing,
-        # which the resume rewrites from the checkpoint's history, never one line twice.
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                 "args": vars(args), "history": history, "untrained": untrained,
-                 "torch_rng": torch.get_rng_state(), "results": results if last else None,
-                 "log_bytes": log.size()}
-        save_checkpoint(state, os.path.join(args.out, "last.pth"))
-        if epoch + 1 == args.stage_one_epochs:   # the branching point of stage-two ablations (--init-from)
-            save_checkpoint(dict(state, stage_one_end=True), os.path.join(args.out, "stage1.pth"))
-        log.metrics(record)
+            if k not in ("epoch", "stage", "cross_accuracy_ot", "global", "global_plain", "loss_per_iteration")))
+        if world.main:   # the checkpoint first, then the metrics line: a crash between the two leaves a line
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),   # missing, which the
+                     "scaler": optimizer.scaler.state_dict(), "epoch": epoch + 1,        # resume rewrites from
+                     "args": vars(args), "history": history, "untrained": untrained,    # the checkpoint's history,
+                     "torch_rng": torch.get_rng_state(), "results": results if last else None,   # never one twice
+                     "log_bytes": log.size()}
+            save_checkpoint(state, os.path.join(args.out, "last.pth"))
+            if epoch + 1 == args.stage_one_epochs:   # the branching point of stage-two ablations (--init-from)
+                save_checkpoint(dict(state, stage_one_end=True), os.path.join(args.out, "stage1.pth"))
+            log.metrics(record)
+    if not world.main:
+        return None
     if results is None:  # a finished run whose checkpoint predates saved results: evaluate its final model
         results = run_evaluation(model, args, args.eval_trials)
     report(results, untrained, history, args, log)
@@ -505,20 +605,24 @@ def run_all_splits(args):
     """RegDB's protocol: one model per split, 1..10 in turn, each in its own run folder (finished splits are
     read back, an interrupted one resumes), then the ten-split table. Every split's lists and images are
     checked before the first one trains."""
-    splits = []
-    for t in REGDB_SPLITS:
-        split = argparse.Namespace(**dict(vars(args), trial=t, out=os.path.join(args.out, f"trial{t}")
-                                          if args.out else None))
-        splits.append(resolve_args(split))
-        runs.plan_run(split, preset_args(split), learning_rate)     # refusals of any split, before training
-        load_training_set(split)
-        runs.check_test_set(split)
-    if args.check_images:
-        lists = [images for split in splits for images in (*load_training_set(split), *runs.check_test_set(split))]
-        runs.check_images(lists, args)
+    world = world_of(args)
+    splits = [resolve_args(argparse.Namespace(**dict(vars(args), trial=t, out=os.path.join(args.out, f"trial{t}")
+                                                     if args.out else None))) for t in REGDB_SPLITS]
+
+    def check_all():   # refusals of any split, and every image of every split, before training
+        lists = []
+        for split in splits:
+            runs.plan_run(split, preset_args(split), learning_rate)
+            lists += [*load_training_set(split), *runs.check_test_set(split)]
+        if args.check_images:
+            runs.check_images(lists, args)
+    distributed.from_rank_zero(check_all, world)
     for split in splits:
-        tqdm.write(f"RegDB split {split.trial} of 10: {split.out}")
-        main(argparse.Namespace(**dict(vars(split), check_images=False)))
+        if world.main:
+            tqdm.write(f"RegDB split {split.trial} of 10: {split.out}")
+        train(argparse.Namespace(**dict(vars(split), check_images=False)), world)
+    if not world.main:
+        return None
     text, summary = evaluate.summarize_runs([split.out for split in splits])
     folder = args.out or os.path.join(os.path.dirname(splits[0].out),
                                       os.path.basename(splits[0].out).replace("_trial1", "_ten-splits", 1))
@@ -529,25 +633,24 @@ def run_all_splits(args):
     return summary
 
 
-def build_model(args):
-    """The two-stream network with its initial weights -> (model on the device, the weights' source)."""
-    weights = args.pretrained
-    if weights == "synthetic":  # the ImageNet stand-in of the CPU demo (pretrain.py)
-        from pretrain import ensure_pretrained
-        weights = ensure_pretrained(os.path.join(os.path.dirname(os.path.normpath(args.data_root)),
-                                                 "synthetic-pretrain"), arch=args.arch, height=args.height,
-                                    width=args.width, device=args.device)
-    return TwoStreamNet(args.arch, weights).to(args.device), weights
+def initial_weights(args):
+    """The source of the initial backbone weights: --pretrained, or for the CPU demo the stand-in for ImageNet
+    weights that pretrain.py trains once and caches (rank 0 only: the others read the cached file)."""
+    if args.pretrained != "synthetic":
+        return args.pretrained
+    from pretrain import ensure_pretrained
+    return ensure_pretrained(os.path.join(os.path.dirname(os.path.normpath(args.data_root)), "synthetic-pretrain"),
+                             arch=args.arch, height=args.height, width=args.width, device=args.device)
 
 
-def log_start(log, args, preset, plan, caught, vis, ir, weights, start):
+def log_start(log, args, preset, plan, warned, vis, ir, weights, start):
     """The first lines of a run's log: its flags, how it differs from the preset, its data, how it starts."""
     log("arguments: " + json.dumps(vars(args)))
     changed = runs.changed_flags(args, preset)
     log(f"run folder {args.out}: " + ("the preset configuration" if not changed else "off the preset in " + ", ".join(
         f"--{k.replace('_', '-')} {runs.describe(v)}" for k, (_, v) in changed.items())))
-    for w in caught:
-        log(f"warning: {w.message}")
+    for message in warned:
+        log(f"warning: {message}")
     log(f"data: {args.dataset} at {args.data_root}: {len(vis)} vis and {len(ir)} ir training images")
     if args.pretrained == "synthetic":
         log(f"initial weights: {weights} (supervised on a disjoint synthetic population, "
@@ -691,6 +794,7 @@ def check_flags(args):
          "auto, none or an existing checkpoint file")
     need(args.init_from is None or os.path.isfile(args.init_from), "--init-from", "an existing stage1.pth")
     need(not args.overwrite or args.resume == "none", "--overwrite", "used with --resume none")
+    need(args.dist_timeout >= 1, "--dist-timeout", ">= 1 second")
 
 
 def cli(argv=None):
@@ -711,6 +815,14 @@ def cli(argv=None):
     except KeyboardInterrupt:
         print("train.py: interrupted; the same command resumes from the last finished epoch", file=sys.stderr)
         raise SystemExit(130) from None
+    except RuntimeError as err:            # under torchrun: another rank stopped, or a collective timed out
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1 or os.environ.get("VIREID_TRACEBACK"):
+            raise
+        print(f"train.py (rank {os.environ.get('RANK')}): error: {str(err).splitlines()[0][:500]}; every rank "
+              f"stops; the same command resumes from the last finished epoch", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        distributed.close()
 
 
 if __name__ == "__main__":

@@ -87,11 +87,12 @@ class TrainBatches(Dataset):
                 (data.transforms.train_transforms)
     batches:    int64 [num_batches, B, 2] from data.samplers (visible row, infrared row)
     seed:       int >= 0; see the module docstring for the per-image generators
+    first_position: the global position of column 0 of `batches` (a rank's share of each batch)
     Item b: dict(v0=[B, 3, H, W], v1=[B, 3, H, W], r=[B, 3, H, W], vis_index=int64 [B],
     ir_index=int64 [B]); the indices let the trainer look up pseudo-labels.
     """
 
-    def __init__(self, vis, ir, transforms, batches, seed):
+    def __init__(self, vis, ir, transforms, batches, seed, first_position=0):
         _check_images(vis, "vis")
         _check_images(ir, "ir")
         keys = ("v0", "v1", "r")
@@ -102,6 +103,7 @@ class TrainBatches(Dataset):
         _check_rows(self.batches[..., 0], len(vis), "batches[..., 0] (visible rows)")
         _check_rows(self.batches[..., 1], len(ir), "batches[..., 1] (infrared rows)")
         self.vis, self.ir, self.transforms, self.seed = vis, ir, transforms, _check_seed(seed)
+        self.first = int(first_position)    # a share of the global batch: position j here is first + j there
 
     def __len__(self):
         return len(self.batches)
@@ -115,11 +117,11 @@ class TrainBatches(Dataset):
         v0, v1, r = [], [], []
         for j, (row_vis, row_ir) in enumerate(pairs.tolist()):   # per image: decode + augment
             img = load(self.vis.paths[row_vis])
-            rng = np.random.default_rng([self.seed, b, j])
+            rng = np.random.default_rng([self.seed, b, self.first + j])
             v0.append(self.transforms["v0"](img, rng))
             v1.append(self.transforms["v1"](img, rng))
             r.append(self.transforms["r"](load(self.ir.paths[row_ir]),
-                                          np.random.default_rng([self.seed, b, j, 1])))
+                                          np.random.default_rng([self.seed, b, self.first + j, 1])))
         return {"v0": torch.stack(v0), "v1": torch.stack(v1), "r": torch.stack(r),
                 "vis_index": torch.from_numpy(pairs[:, 0].copy()),
                 "ir_index": torch.from_numpy(pairs[:, 1].copy())}
