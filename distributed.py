@@ -14,7 +14,7 @@ What train.py keeps global, and how (so that every rank holds what one process w
 - memory banks: updated on every rank from the all-gathered batch features and labels, in global position
   order (`gather_rows`), so they stay equal to the one-process banks;
 - BatchNorm: `GlobalBatchNorm` normalises with the statistics of the whole global batch (an autograd-aware
-  all-reduce of the per-channel sums), the modality stems' BN included; it works with gloo and NCCL alike;
+  all-gather of every rank's per-channel statistics), the modality stems' BN included; gloo and NCCL alike;
 - losses: per-sample means over equal shares, so DDP's average of the gradients is the one-process
   gradient; a loss that is not a per-sample mean (MBMIL's clamped centroid term) takes `global_mean`.
 Differences left: floating-point reduction order (sums over other partitions of the batch, convolution
@@ -142,8 +142,8 @@ def _to(obj, device):
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics are those of the whole global batch (all ranks): the
-    per-channel count, sum and sum of squares are all-reduced (autograd-aware, so the backward is the
-    global batch's too). Same parameters, buffers and state-dict keys as nn.BatchNorm1d/2d, so
+    per-channel count, mean and sum of squared deviations of every rank are all-gathered (autograd-aware,
+    so the backward is the global batch's too) and combined; statistics in float32. Same parameters, buffers and state-dict keys as nn.BatchNorm1d/2d, so
     checkpoints do not depend on the number of devices; in eval mode it is plain BatchNorm."""
 
     def forward(self, x):
@@ -151,16 +151,24 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                 self.training, self.momentum, self.eps)
         dims = [0] + list(range(2, x.dim()))                             # all but the channel axis
-        count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
-        stats = torch.cat([count, x.sum(dims), (x * x).sum(dims)])       # [1 + 2C]
-        stats = torch.distributed.nn.functional.all_reduce(stats)
-        n, c = stats[0], x.shape[1]
-        mean = stats[1:1 + c] / n
-        var = stats[1 + c:] / n - mean * mean                            # biased, as BN normalises
+        xf = x.float()
+        n_local = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float32, device=x.device)
+        mean_local = xf.mean(dims)                                       # [C]
+        m2_local = ((xf - mean_local.view([1, -1] + [1] * (x.dim() - 2))) ** 2).sum(dims)
+        # Every rank's (count, mean, sum of squared deviations), combined as in Chan et al.'s parallel
+        # variance: no E[x^2] - E[x]^2 cancellation, which loses digits on channels of small variance.
+        parts = torch.distributed.nn.functional.all_gather(torch.cat([n_local, mean_local, m2_local]))
+        stats = torch.stack(parts)                                       # [world, 1 + 2C]
+        c = x.shape[1]
+        counts, means, m2s = stats[:, :1], stats[:, 1:1 + c], stats[:, 1 + c:]
+        n = counts.sum()
+        mean = (counts * means).sum(0) / n
+        var = (m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)) / n   # biased, as BN normalises
         shape = [1, c] + [1] * (x.dim() - 2)
-        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
+        y = y.to(x.dtype)
         with torch.no_grad():                                            # running stats, unbiased variance
             self.num_batches_tracked += 1
             m = self.momentum

@@ -332,7 +332,7 @@ def train_mbmil(net, optimizer, loaders, mems, intra, glob, epoch, args):
     gather = lambda x: distributed.gather_rows(x, world)                            # noqa: E731
     mean = lambda x: distributed.global_mean(x, world)                              # noqa: E731
     mem_v, mem_r = mems
-    sums = {"loss_intra": 0.0, "loss_global": 0.0}
+    sums, curve = {"loss_intra": 0.0, "loss_global": 0.0}, []
     batches = zip(*loaders) if len(loaders) == 2 else ((b, None) for b in loaders[0])
     for it, (batch, gbatch) in enumerate(tqdm(batches, total=len(loaders[0]), desc=f"epoch {epoch}",
                                               leave=False, file=sys.stderr, disable=not world.main)):
@@ -346,7 +346,8 @@ def train_mbmil(net, optimizer, loaders, mems, intra, glob, epoch, args):
         optimise(optimizer, loss, epoch, it)
         mem_v.update(torch.cat([gather(f_v0.detach()), gather(f_v1.detach())]), gather(intra["v"][vi]).repeat(2))
         mem_r.update(gather(f_r.detach()), gather(y_r))
-        sums["loss_intra"] += distributed.mean_over_ranks(loss.item(), world)
+        curve.append(distributed.mean_over_ranks(loss.item(), world))
+        sums["loss_intra"] += curve[-1]
         if gbatch is None:
             continue
         # (2) ½(L_glb^ir + L_glb^vis): multi-positive contrast over modality-specific prototypes.
@@ -360,10 +361,12 @@ def train_mbmil(net, optimizer, loaders, mems, intra, glob, epoch, args):
         proto_v = gather(glob["pv"][vi])
         mem_g.update(torch.cat([gather(g_v0.detach()), gather(g_v1.detach()), gather(g_r.detach())]),
                      torch.cat([proto_v, proto_v, gather(glob["pr"][ri])]))
-        sums["loss_global"] += distributed.mean_over_ranks(loss.item(), world)
+        global_loss = distributed.mean_over_ranks(loss.item(), world)
+        sums["loss_global"] += global_loss
+        curve[-1] += global_loss
     n = max(len(loaders[0]), 1)
     out = {k: v / n for k, v in sums.items() if glob is not None or k == "loss_intra"}
-    return dict(out, loss=sum(out.values()))
+    return dict(out, loss=sum(out.values()), loss_per_iteration=curve)
 
 
 # ---------------------------------------------------------------------------------------------------
