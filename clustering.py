@@ -1,23 +1,31 @@
-"""Pseudo-labels: exact sparse k-reciprocal Jaccard distance (standard and modality-aware) and DBSCAN.
+"""Pseudo-labels: the exact sparse k-reciprocal Jaccard distance (standard and modality-aware), and DBSCAN.
 
-Papers: MULT (He et al., IJCV 2024), docs/mult.md §4.1 (the k-reciprocal Jaccard distance of Zhong et al.,
-CVPR 2017, with the official code's list lengths) and §4.2 (DBSCAN); MBMIL (Wang et al., AAAI 2026),
-docs/mbmil.md §A.2 (modality-aware Jaccard: balanced neighbour lists, modality-balanced query expansion).
+Papers: MULT (He et al., "Exploring Homogeneous and Heterogeneous Consistent Label Associations for Unsupervised
+Visible-Infrared Person ReID", IJCV 2024), its per-modality clustering: the k-reciprocal Jaccard distance of Zhong
+et al. (CVPR 2017) with the official code's list lengths, docs/mult.md §4.1, Eqs. (4.1)-(4.7), then DBSCAN and
+the cluster centers, §4.2, Eqs. (4.8)-(4.11). MBMIL (Wang et al., "Modality-Aware Bias Mitigation and Invariance
+Learning for Unsupervised Visible-Infrared Person Re-Identification", AAAI 2026), its bias-mitigated global
+clustering: the modality-aware Jaccard distance, docs/mbmil.md §A.2, Eqs. (A.2.2)-(A.2.4) (balanced neighbour
+lists, modality-balanced query expansion).
 
     S = jaccard_similarity(features, k1=30, k2=6)       # csr [N, N] float32, S = 1 - d_J, symmetric, S_ii = 1
     labels = dbscan(S, eps=0.6, min_samples=4)          # int64 [N], -1 = outlier
     centers = cluster_centers(features, labels)         # [K, D] means, not re-normalised
 
+Imports torch, numpy, scipy and the standard library only: the file can be copied alone into another codebase
+(tests/test_copy_one_file.py does so). Checked against the slow dense references written in
+tests/test_clustering.py (`reference_jaccard`, `reference_dbscan`).
+
 Exactness: the dense definition up to float32 rounding of sums. Rankings use the float32 dot product x_i . x_j
 (descending = squared distance 2 - 2 x_i . x_j ascending), ties broken by the smaller index; a point is always
 first in its own list (its self-similarity counts as +inf, so rounding never puts a duplicate in front).
-Speed (no N x N array anywhere; the work runs on features.device):
+Speed (no N x N array anywhere; the work runs on features.device; docs/mult.md §11 items 1-5):
   - kNN: symmetric blocked GEMM into one reused block; each block pair I <= J serves the rows of I (row
     top-k) and of J (column top-k): half the arithmetic of X @ X.T. Rows whose k-th and (k+1)-th values tie
     are recomputed with a stable sort.
   - Sets, V, query expansion and the sum of minima are vectorised over row chunks. Membership tests,
     de-duplication and sums use reused dense scratch rows [rows, N] as an exact hash table: only touched
-    cells are read or reset, and nothing is sorted. Jaccard pairs are enumerated through the columns of V~
+    cells are read or reset, and nothing is sorted. Jaccard pairs are enumerated through the columns of Ṽ
     (an inverted index), each unordered pair once, at O(sum_k c_k^2) for column counts c_k.
   - DBSCAN: connected components of the core-point graph (scipy) plus a vectorised border rule.
 Paper vs official code: the official code forms dense N x N matrices and uses faiss for the kNN; the values
@@ -25,6 +33,8 @@ are the same up to float32 rounding and the order of exactly tied neighbours.
 Paper vs official code (MBMIL): the official code hard-codes k1 = 30 (15 + 15) and k2 = 6 per modality for the
 global distance; here they are the k1 and k2 arguments, with the same defaults.
 """
+import numbers
+import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -38,8 +48,9 @@ BUFFER_BYTES = 32 * 2**20   # dense scratch rows [rows, N] (float32 sums + int32
 NORM_TOL = 1e-3             # allowed | ||x_i|| - 1 |
 
 
-def jaccard_similarity(features, k1=30, k2=6, modality=None):
-    """S = 1 - d_J, the k-reciprocal Jaccard similarity (docs/mult.md §4.1; docs/mbmil.md §A.2 if `modality`).
+def jaccard_similarity(features, k1=30, k2=6, modality=None, timings=None):
+    """S = 1 - d_J, the k-reciprocal Jaccard similarity: docs/mult.md §4.1, Eqs. (4.1)-(4.7); with `modality`,
+    the modality-aware distance of docs/mbmil.md §A.2, Eqs. (A.2.2)-(A.2.4).
 
     features: float tensor [N, D], L2-normalised rows, any device (the work runs there; float32 arithmetic).
     k1: main list length counting the point itself (half lists have round(k1/2) + 1 entries, NumPy rounding).
@@ -47,88 +58,128 @@ def jaccard_similarity(features, k1=30, k2=6, modality=None):
     modality: None, or int array/tensor [N] with 0 = visible, 1 = infrared in any order: the modality-aware
         distance (k1 even; each list is the k1/2 nearest visible plus the k1/2 nearest infrared samples).
         Both modalities must be present: with one only, use modality=None (the standard distance).
+    timings: None, or a dict that receives the seconds of each phase, "knn", "recip+exp", "V+QE" and
+        "jaccard" (each measured once the device's queued work is done; bench/bench_clustering.py reads it).
     Returns scipy.sparse.csr_matrix [N, N], float32, symmetric, sorted indices, S_ii = 1; it stores every pair
     with d_J < 1, and every pair not stored has d_J = 1 exactly.
     """
     x, mod = _check_inputs(features, k1, k2, modality)
-    lists = _neighbour_lists(x, k1, k2, mod)
-    e_pairs = _expanded_sets(lists["main"], k1)
-    v = _weights(x, e_pairs, lists["known"])
-    vt = _query_expansion(v, lists["qe_idx"], lists["qe_w"])
-    return _symmetric_csr(list(_jaccard_pairs(vt, x.shape[0])), x.shape[0])
+    n, lap = x.shape[0], _stopwatch(timings, x.device)
+    lists = _neighbour_lists(x, k1, k2, mod)                    # L_i (4.1) / (A.2.2), expansion rows
+    lap("knn")
+    e_pairs = _expanded_sets(lists["main"], k1)                 # j in E_i: R(i), R_h(i) (4.2), E_i (4.3)
+    lap("recip+exp")
+    v = _weights(x, e_pairs, lists["known"])                    # V (4.4), CSR
+    del e_pairs
+    vt = _query_expansion(v, lists["qe_idx"], lists["qe_w"])    # Ṽ (4.5) / (A.2.4)
+    del v, lists
+    lap("V+QE")
+    pairs = list(_jaccard_pairs(vt, n))                         # s_ij (4.6) for i <= j
+    del vt
+    similarity = _symmetric_csr(pairs, n)                       # S = 1 - d_J (4.7)
+    lap("jaccard")
+    return similarity
 
 
-def _check_inputs(features, k1, k2, modality):
-    """Validated float32 features [N, D] and modality (int64 tensor [N] or None); a clear error otherwise."""
-    if not isinstance(features, torch.Tensor) or features.dim() != 2 or not features.is_floating_point():
-        raise ValueError(f"features: expected a float torch.Tensor [N, D], got {type(features).__name__} "
-                         f"{tuple(getattr(features, 'shape', ()))}")
-    if any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) for k in (k1, k2)) \
-            or k1 < 2 or not 1 <= k2 <= k1:
-        raise ValueError(f"k1, k2: expected ints with k1 >= 2 and 1 <= k2 <= k1, got k1 = {k1!r}, k2 = {k2!r}")
-    n = features.shape[0]
-    if n < k1:
-        raise ValueError(f"features: N = {n} samples is fewer than k1 = {k1}")
-    x = features.detach().to(torch.float32)
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("features: contains NaN or Inf")
-    norms = x.norm(dim=1)
-    worst = int((norms - 1).abs().argmax())
-    if abs(float(norms[worst]) - 1) > NORM_TOL:
-        raise ValueError(f"features: rows must be L2-normalised (|norm - 1| <= {NORM_TOL}); row {worst} "
-                         f"has norm {float(norms[worst]):.6g} (use torch.nn.functional.normalize)")
-    if modality is None:
-        return x, None
-    mod = np.asarray(modality.detach().cpu() if isinstance(modality, torch.Tensor) else modality)
-    if mod.shape != (n,) or not np.issubdtype(mod.dtype, np.integer) or not np.isin(mod, (0, 1)).all():
-        raise ValueError(f"modality: expected an int array [N = {n}] of 0 (visible) / 1 (infrared), got dtype "
-                         f"{mod.dtype}, shape {mod.shape}, values {np.unique(mod)[:4]}")
-    if k1 % 2:
-        raise ValueError(f"k1: the modality-aware distance takes k1/2 per modality, so k1 must be even, got {k1}")
-    counts = np.bincount(mod, minlength=2)
-    if counts.min() == 0:
-        raise ValueError(f"modality: only {'visible' if counts[0] else 'infrared'} samples present; the "
-                         "modality-aware distance needs both (use modality=None for the standard distance)")
-    if counts.min() < max(k1 // 2, k2):
-        raise ValueError(f"modality: {counts[0]} visible and {counts[1]} infrared samples; each modality needs "
-                         f"at least max(k1/2, k2) = {max(k1 // 2, k2)}")
-    return x, torch.as_tensor(mod, dtype=torch.long, device=x.device)
+def dbscan(similarity, eps, min_samples=4):
+    """DBSCAN on d = 1 - S (docs/mult.md §4.2, Eqs. (4.8)-(4.10)), labelled exactly as scikit-learn's
+    DBSCAN(metric="precomputed").
 
-
-@contextmanager
-def _ieee_fp32():
-    """No TF32 in CUDA matmuls inside this block: rankings need IEEE float32 products."""
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-def _topk(sim, k, dim):
-    """Top-k along `dim` (1: of each row, 0: of each column) of sim [R, C] -> values, positions [lanes, k].
-
-    Exact values; arbitrary choice among entries tied at the k-th value (as torch.topk). A max over g = 8
-    strided slices first picks the k best slices, so only 8k entries per lane are ranked.
+    similarity: scipy.sparse matrix [N, N], symmetric, values in [0, 1] (as jaccard_similarity returns);
+        pairs not stored have distance 1. A stored pair's distance is 1 - S, formed and compared with eps in
+        S's dtype (float32 for jaccard_similarity's output), as scikit-learn does on a float32 matrix.
+    eps: in (0, 1); j is a neighbour of i when 1 - S_ij <= eps; every point is its own neighbour.
+    min_samples: a point with at least this many neighbours (itself included) is a core point.
+    Returns int64 [N]: clusters 0..K-1 numbered in index order of their first core point; a border point takes
+    the lowest-numbered cluster among its core neighbours (the first to reach it in sklearn's scan); -1 =
+    outlier. With no core point every label is -1 (a valid result).
     """
-    g, length = 8, sim.shape[dim]
-    if length % g or length < 4 * g * k:
-        return (sim if dim == 1 else sim.T).topk(min(k, length), dim=1)
-    w = length // g
-    if dim == 1:
-        slices = sim.view(sim.shape[0], g, w).amax(1)               # [R, w]: max of columns q, q + w, ...
+    s = _check_similarity(similarity, eps, min_samples)         # canonical CSR
+    n, data = s.shape[0], s.data
+    if n == 0:
+        return np.empty(0, dtype=np.int64)
+    eps, r, c, step = data.dtype.type(eps), [], [], max(1, n // 16)   # compared in S's dtype, as sklearn
+    for r0 in range(0, n, step):                                     # row chunks: bounded temporaries
+        r1 = min(r0 + step, n)
+        e0, e1 = s.indptr[r0], s.indptr[r1]
+        rows, cols = np.repeat(np.arange(r0, r1), np.diff(s.indptr[r0:r1 + 1])), s.indices[e0:e1]
+        near = ((1 - data[e0:e1]) <= eps) & (rows != cols)           # j in N_eps(i) (4.8), self excluded
+        r.append(rows[near])
+        c.append(cols[near])
+    r, c = np.concatenate(r), np.concatenate(c)
+    _check_symmetric(r, c, n)
+    core = 1 + np.bincount(r, minlength=n) >= min_samples           # (4.8), i counted in N_eps(i)
+    labels = np.full(n, -1, dtype=np.int64)
+    both = core[r] & core[c]                                         # i ~ j (4.9)
+    graph = sp.csr_matrix((np.ones(both.sum(), np.int8), (r[both], c[both])), shape=(n, n))
+    _, comp = connected_components(graph, directed=False)
+    core_idx = np.flatnonzero(core)
+    _, first = np.unique(comp[core_idx], return_index=True)          # first core point of each component
+    cluster = np.full(comp.max() + 1 if n else 0, -1, dtype=np.int64)
+    cluster[comp[core_idx[np.sort(first)]]] = np.arange(first.size)
+    labels[core_idx] = cluster[comp[core_idx]]
+    border = ~core[r] & core[c]                                      # (border point, core neighbour)
+    best = np.full(n, np.iinfo(np.int64).max)
+    np.minimum.at(best, r[border], labels[c[border]])                # (4.10)
+    has = best < np.iinfo(np.int64).max
+    labels[has] = best[has]
+    return labels
+
+
+def cluster_centers(features, labels):
+    """C_k = (1/n_k) Σ_{i: ℓ_i = k} x_i, the mean of the rows with label k (docs/mult.md §4.2, Eq. (4.11)), not
+    re-normalised.
+
+    features: tensor [N, D]; labels: int array or tensor [N], -1 (outliers) ignored.
+    Returns tensor [K, D] on features.device, K = labels.max() + 1; every label 0..K-1 needs a member.
+    """
+    lab, counts = _check_cluster_labels(features, labels)            # int64 [N], members per cluster [K]
+    keep = torch.as_tensor(np.flatnonzero(lab >= 0), device=features.device)
+    idx = torch.as_tensor(lab, device=features.device)[keep]
+    sums = torch.zeros(len(counts), features.shape[1], dtype=features.dtype, device=features.device)
+    sums.index_add_(0, idx, features.detach()[keep])
+    return sums / torch.as_tensor(counts, dtype=features.dtype, device=features.device)[:, None]
+
+
+# ----------------------------------------------------------------------------------------- Jaccard steps
+def _neighbour_lists(x, k1, k2, mod):
+    """The neighbour lists L_i and the query-expansion rows and weights, in the input index space.
+
+    Standard (docs/mult.md §4.1 step 1, d_ij of Eq. (4.1)): L_i = the k1 nearest; query expansion over
+    L_i⁽ᵏ²⁾ with weights 1/k2 (Eq. (4.5)).
+    Modality-aware (docs/mbmil.md §A.2): L_i = N^V(i, k1/2) ∪ N^I(i, k1/2) re-sorted by similarity
+    (Eq. (A.2.2)); query expansion over N^V(i, k2) and N^I(i, k2) with weights ½·1/k2 (Eq. (A.2.4); for every
+    k2, also k2 = 1).
+    Returns dict: main [N, k1] (the lists L_i used for reciprocity), qe_idx [N, q] and qe_w [q] (query
+    expansion rows and weights), known: [(sim, idx)] lists whose x_i . x_j are known (self included).
+    """
+    n = x.shape[0]
+    rows = torch.arange(n, device=x.device)[:, None]
+    if mod is None:
+        lists = _knn_blocked(x, [(0, n)], [k1])
+        main, qe_idx, qe_w = lists[0][1], lists[0][1][:, :k2], torch.full((k2,), 1.0 / k2, device=x.device)
     else:
-        slices = sim.view(g, w, sim.shape[1]).amax(0).T             # [C, w]
-    _, q = slices.topk(k, dim=1)
-    pos = (q[:, :, None] + w * torch.arange(g, device=sim.device)).flatten(1)   # [lanes, 8k]
-    cand = sim.gather(1, pos) if dim == 1 else sim.gather(0, pos.T).T
-    v, p = cand.topk(k, dim=1)
-    return v, pos.gather(1, p)
+        order = torch.argsort(mod, stable=True)                      # visible first, index order kept
+        n_v = int((mod == 0).sum())
+        km = max(k1 // 2, k2)
+        lists = []
+        for v, i in _knn_blocked(x[order], [(0, n_v), (n_v, n)], [km, km]):
+            v_o, i_o = torch.empty_like(v), torch.empty_like(i)
+            v_o[order], i_o[order] = v, order[i]                     # rows and columns back to input order
+            lists.append((v_o, i_o))
+        h = k1 // 2
+        _, main = _sort_lists(torch.cat([lists[0][0][:, :h], lists[1][0][:, :h]], 1),
+                              torch.cat([lists[0][1][:, :h], lists[1][1][:, :h]], 1))
+        qe_idx = torch.cat([lists[0][1][:, :k2], lists[1][1][:, :k2]], 1)
+        qe_w = torch.full((2 * k2,), 0.5 / k2, device=x.device)
+    self_sim = (x * x).sum(1)[:, None]
+    known = [(torch.where(i == rows, self_sim, v), i) for v, i in lists]
+    return {"main": main, "qe_idx": qe_idx, "qe_w": qe_w, "known": known}
 
 
 def _knn_blocked(x, bounds, ks):
-    """Exact top-k per row within each column group (step 1 of §4.1), by a symmetric blocked GEMM.
+    """Exact top-k per row within each column group by x_i . x_j, i.e. by d_ij of docs/mult.md Eq. (4.1)
+    ascending, through a symmetric blocked GEMM (§11 item 1).
 
     x: [N, D]; bounds: [(start, end)] contiguous column groups covering 0..N; ks: list length per group.
     Returns per group (val [N, k], idx [N, k]) sorted by (similarity desc, index asc), self = +inf first.
@@ -173,6 +224,27 @@ def _knn_blocked(x, bounds, ks):
     return out
 
 
+def _topk(sim, k, dim):
+    """Top-k along `dim` (1: of each row, 0: of each column) of sim [R, C] -> values, positions [lanes, k].
+
+    Exact values; arbitrary choice among entries tied at the k-th value (as torch.topk). A max over g = 8
+    strided slices first picks the k best slices, so only 8k entries per lane are ranked.
+    """
+    g, length = 8, sim.shape[dim]
+    if length % g or length < 4 * g * k:
+        return (sim if dim == 1 else sim.T).topk(min(k, length), dim=1)
+    w = length // g
+    if dim == 1:
+        slices = sim.view(sim.shape[0], g, w).amax(1)               # [R, w]: max of columns q, q + w, ...
+    else:
+        slices = sim.view(g, w, sim.shape[1]).amax(0).T             # [C, w]
+    _, q = slices.topk(k, dim=1)
+    pos = (q[:, :, None] + w * torch.arange(g, device=sim.device)).flatten(1)   # [lanes, 8k]
+    cand = sim.gather(1, pos) if dim == 1 else sim.gather(0, pos.T).T
+    v, p = cand.topk(k, dim=1)
+    return v, pos.gather(1, p)
+
+
 def _sort_lists(v, i):
     """Sort each row by (value desc, index asc)."""
     i, o = i.sort(dim=1)
@@ -181,69 +253,12 @@ def _sort_lists(v, i):
     return v, i.gather(1, o)
 
 
-def _neighbour_lists(x, k1, k2, mod):
-    """Neighbour lists in the input index space (step 1 of §4.1; docs/mbmil.md §A.2 steps 1 and 4).
-
-    Returns dict: main [N, k1] (the lists L_i used for reciprocity), qe_idx [N, q] and qe_w [q] (query
-    expansion rows and weights), known: [(sim, idx)] lists whose x_i . x_j are known (self included).
-    Standard: L_i = the k1 nearest; query expansion over L_i[:k2] with weights 1/k2.
-    Modality-aware: L_i = the k1/2 nearest visible and the k1/2 nearest infrared, re-sorted by similarity;
-    query expansion over the k2 nearest of each modality with weights 1/(2 k2) (for every k2, also k2 = 1).
-    """
-    n = x.shape[0]
-    rows = torch.arange(n, device=x.device)[:, None]
-    if mod is None:
-        lists = _knn_blocked(x, [(0, n)], [k1])
-        main, qe_idx, qe_w = lists[0][1], lists[0][1][:, :k2], torch.full((k2,), 1.0 / k2, device=x.device)
-    else:
-        order = torch.argsort(mod, stable=True)                      # visible first, index order kept
-        n_vis = int((mod == 0).sum())
-        km = max(k1 // 2, k2)
-        lists = []
-        for v, i in _knn_blocked(x[order], [(0, n_vis), (n_vis, n)], [km, km]):
-            v_o, i_o = torch.empty_like(v), torch.empty_like(i)
-            v_o[order], i_o[order] = v, order[i]                     # rows and columns back to input order
-            lists.append((v_o, i_o))
-        h = k1 // 2
-        _, main = _sort_lists(torch.cat([lists[0][0][:, :h], lists[1][0][:, :h]], 1),
-                              torch.cat([lists[0][1][:, :h], lists[1][1][:, :h]], 1))
-        qe_idx = torch.cat([lists[0][1][:, :k2], lists[1][1][:, :k2]], 1)
-        qe_w = torch.full((2 * k2,), 0.5 / k2, device=x.device)
-    self_sim = (x * x).sum(1)[:, None]
-    known = [(torch.where(i == rows, self_sim, v), i) for v, i in lists]
-    return {"main": main, "qe_idx": qe_idx, "qe_w": qe_w, "known": known}
-
-
-def _scratch(n, device):
-    """Reused dense scratch rows [rows, N]: float32 sums and int32 owners (an exact hash table per chunk)."""
-    rows = max(1, min(n, BUFFER_BYTES // (8 * n)))
-    return rows, torch.zeros(rows * n, device=device), torch.zeros(rows * n, dtype=torch.int32, device=device)
-
-
-def _first(flat, owner):
-    """Mask keeping one entry per distinct value of flat (exact, O(len(flat)); owner is scratch)."""
-    ids = torch.arange(flat.numel(), dtype=torch.int32, device=flat.device)
-    owner.index_copy_(0, flat, ids)                                  # duplicates: one write survives
-    return owner.index_select(0, flat) == ids
-
-
-def _reciprocal(lists, m):
-    """bool [N, m]: j = L_i[t] is k-reciprocal within the first m entries, i.e. i is in L_j[:m]."""
-    n, lm = lists.shape[0], lists[:, :m].contiguous()
-    out = torch.empty(n, m, dtype=torch.bool, device=lists.device)
-    step = max(1, CHUNK // (m * m))
-    for r0 in range(0, n, step):
-        r1 = min(r0 + step, n)
-        back = lm.index_select(0, lm[r0:r1].flatten()).view(r1 - r0, m, m)        # L_j[:m] for j in L_i[:m]
-        out[r0:r1] = (back == torch.arange(r0, r1, device=lists.device)[:, None, None]).any(2)
-    return out
-
-
 def _expanded_sets(main, k1):
-    """Reciprocal sets and expansion (§4.1 steps 2-3): the pairs (i, j), j in E_i, as (row, col), rows sorted.
+    """The pairs (i, j), j ∈ E_i, as (row, col), rows sorted: docs/mult.md §4.1 steps 2-3, Eqs. (4.2)-(4.3)
+    (docs/mbmil.md Eq. (A.2.3) on the balanced lists).
 
-    R(i; m) = {j in L_i[:m] : i in L_j[:m]}, m = k1 (main) and m = round(k1/2) + 1 (half). E_i = R(i; k1) plus
-    R(c; half) for every c in R(i; k1) with |R(c; half) & R(i; k1)| > 2/3 |R(c; half)| (strict).
+    R(i) = {j ∈ L_i⁽ᵏ¹⁾ : i ∈ L_j⁽ᵏ¹⁾} and R_h(i) = {j ∈ L_i⁽ᵐ⁺¹⁾ : i ∈ L_j⁽ᵐ⁺¹⁾}, m = round(k1/2) (4.2);
+    E_i = R(i) ∪ R_h(c) for every c ∈ R(i) with |R_h(c) ∩ R(i)| > ⅔·|R_h(c)| (strict; (4.3)).
     Membership in R(i; k1) is a lookup in the scratch rows, where the members of each row are marked.
     """
     n, dev = main.shape[0], main.device
@@ -275,8 +290,21 @@ def _expanded_sets(main, k1):
     return torch.cat(rows_out), torch.cat(cols_out)
 
 
+def _reciprocal(lists, m):
+    """bool [N, m]: j = L_i[t] is k-reciprocal within the first m entries, i.e. i ∈ L_j⁽ᵐ⁾ (Eq. (4.2))."""
+    n, lm = lists.shape[0], lists[:, :m].contiguous()
+    out = torch.empty(n, m, dtype=torch.bool, device=lists.device)
+    step = max(1, CHUNK // (m * m))
+    for r0 in range(0, n, step):
+        r1 = min(r0 + step, n)
+        back = lm.index_select(0, lm[r0:r1].flatten()).view(r1 - r0, m, m)        # L_j[:m] for j in L_i[:m]
+        out[r0:r1] = (back == torch.arange(r0, r1, device=lists.device)[:, None, None]).any(2)
+    return out
+
+
 def _weights(x, e_pairs, known):
-    """V as CSR (§4.1 step 4): V_ij = exp(-d_ij) / sum_{j' in E_i} exp(-d_ij'), d_ij = 2 - 2 x_i . x_j.
+    """V as CSR, docs/mult.md §4.1 step 4, Eq. (4.4): V_ij = exp(−d_ij) / Σ_{j′ ∈ E_i} exp(−d_ij′) for j ∈ E_i,
+    with d_ij = 2 − 2 x_i·x_j (4.1).
 
     Similarities come from the kNN lists where known (looked up through the scratch rows), the rest from
     dot products of gathered rows. Returns (indptr [N+1], cols [nnz], vals [nnz]), rows sorted.
@@ -312,6 +340,91 @@ def _weights(x, e_pairs, known):
     return indptr, col, w / total[row]
 
 
+def _query_expansion(v, qe_idx, qe_w):
+    """Ṽ_i = Σ_t w_t V_{q_it} as (row, col, val), rows sorted: Ṽ_i = (1/k2)·Σ_{j ∈ L_i⁽ᵏ²⁾} V_j (docs/mult.md
+    Eq. (4.5)), or the ½/½ average over the k2 nearest of each modality (docs/mbmil.md Eq. (A.2.4))."""
+    indptr, cols, vals = v
+    n, q = qe_idx.shape
+    lens = indptr[1:] - indptr[:-1]
+    row_base = torch.arange(n, device=cols.device)[:, None].expand(n, q)
+
+    def make(r0, r1):
+        src = qe_idx[r0:r1].flatten()                                # rows of V to add, [(r1 - r0) * q]
+        pos, w, base = _runs(indptr[src], lens[src], qe_w.repeat(r1 - r0), (row_base[r0:r1] - r0).flatten() * n)
+        return base + cols.index_select(0, pos), vals.index_select(0, pos) * w
+
+    return _sum_pairs(make, lens[qe_idx].sum(1), n)
+
+
+def _jaccard_pairs(vt, n):
+    """s_ij = Σ_k min(Ṽ_ik, Ṽ_jk) for every pair i <= j with overlapping supports (docs/mult.md Eq. (4.6); §11
+    item 4).
+
+    Pairs are enumerated through the columns of Ṽ (an inverted index): for an entry (i, k), it and every
+    later entry (j > i) of column k contribute min(Ṽ_ik, Ṽ_jk). Returns (i, j, s), i non-decreasing.
+    """
+    row, col, val = vt[0].long(), vt[1].long(), vt[2]
+    order = _column_order(row, col, n)                              # CSC order, rows ascending
+    csc_row, csc_val = row[order], val[order]
+    csc_pos = torch.empty_like(order)
+    csc_pos[order] = torch.arange(order.numel(), device=order.device)
+    after = torch.bincount(col, minlength=n).cumsum(0)[col] - csc_pos    # (i, k) and the entries below
+    row_ptr = torch.zeros(n + 1, dtype=torch.long, device=row.device)
+    row_ptr[1:] = torch.bincount(row, minlength=n).cumsum(0)
+    row_cost = torch.zeros(n, dtype=torch.long, device=row.device).index_add_(0, row, after)
+
+    def make(r0, r1):
+        e0, e1 = int(row_ptr[r0]), int(row_ptr[r1])
+        pos, a, base = _runs(csc_pos[e0:e1], after[e0:e1], val[e0:e1], (row[e0:e1] - r0) * n)
+        return base + csc_row.index_select(0, pos), torch.minimum(a, csc_val.index_select(0, pos))
+
+    return _sum_pairs(make, row_cost, n)
+
+
+def _column_order(row, col, n):
+    """Permutation putting entries (rows non-decreasing) in column order, rows ascending within a column."""
+    if col.device.type != "cpu":
+        return torch.argsort(col, stable=True)
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(row.numpy(), minlength=n))])
+    ids = np.arange(col.numel(), dtype=np.int64)
+    return torch.from_numpy(sp.csr_matrix((ids, col.numpy(), indptr), shape=(n, n)).tocsc().data)
+
+
+def _symmetric_csr(pairs, n):
+    """S_ij = s_ij/(2 − s_ij) = 1 − d_J (d_J clipped at 0; docs/mult.md Eqs. (4.6)-(4.7)) for the pairs i <= j,
+    mirrored; S_ii = 1.
+
+    pairs: list [i, j, s] of tensors [P], i non-decreasing, each diagonal pair once; consumed (emptied) so
+    that its memory is released early. Returns canonical CSR float32.
+    """
+    i, j, s = pairs
+    pairs.clear()
+    sim = torch.clamp(s / (2 - s), max=1.0).cpu().numpy()
+    i, j = i.cpu().numpy(), j.cpu().numpy()
+    sim[i == j] = 0.5                                                # 0.5 + 0.5 = 1 exactly once mirrored
+    if not (sim > 0).all():                                          # s underflowed: d_J = 1, not stored
+        keep = sim > 0
+        i, j, sim = i[keep], j[keep], sim[keep]
+    upper = sp.csr_matrix((sim, j, np.concatenate([[0], np.cumsum(np.bincount(i, minlength=n))])), (n, n))
+    del i, j, s, sim
+    upper.sort_indices()
+    return (upper + upper.T).tocsr()
+
+
+# ----------------------------------------------------------------------------------------- shared helpers
+def _scratch(n, device):
+    """Reused dense scratch rows [rows, N]: float32 sums and int32 owners (an exact hash table per chunk)."""
+    rows = max(1, min(n, BUFFER_BYTES // (8 * n)))
+    return rows, torch.zeros(rows * n, device=device), torch.zeros(rows * n, dtype=torch.int32, device=device)
+
+
+def _first(flat, owner):
+    """Mask keeping one entry per distinct value of flat (exact, O(len(flat)); owner is scratch)."""
+    ids = torch.arange(flat.numel(), dtype=torch.int32, device=flat.device)
+    owner.index_copy_(0, flat, ids)                                  # duplicates: one write survives
+    return owner.index_select(0, flat) == ids
+
+
 def _sum_pairs(make, row_cost, n):
     """Sum contributions over duplicate (row, col) pairs, in row chunks of about CHUNK contributions.
 
@@ -344,139 +457,99 @@ def _runs(starts, counts, *per_run):
     return (pos,) + tuple(t.index_select(0, seg) for t in per_run)
 
 
-def _query_expansion(v, qe_idx, qe_w):
-    """V~_i = sum_t w_t V_{q_it} (§4.1 step 5; docs/mbmil.md §A.2 step 4) as (row, col, val), rows sorted."""
-    indptr, cols, vals = v
-    n, q = qe_idx.shape
-    lens = indptr[1:] - indptr[:-1]
-    row_base = torch.arange(n, device=cols.device)[:, None].expand(n, q)
-
-    def make(r0, r1):
-        src = qe_idx[r0:r1].flatten()                                # rows of V to add, [(r1 - r0) * q]
-        pos, w, base = _runs(indptr[src], lens[src], qe_w.repeat(r1 - r0), (row_base[r0:r1] - r0).flatten() * n)
-        return base + cols.index_select(0, pos), vals.index_select(0, pos) * w
-
-    return _sum_pairs(make, lens[qe_idx].sum(1), n)
+@contextmanager
+def _ieee_fp32():
+    """No TF32 in CUDA matmuls inside this block: rankings need IEEE float32 products."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def _column_order(row, col, n):
-    """Permutation putting entries (rows non-decreasing) in column order, rows ascending within a column."""
-    if col.device.type != "cpu":
-        return torch.argsort(col, stable=True)
-    indptr = np.concatenate([[0], np.cumsum(np.bincount(row.numpy(), minlength=n))])
-    ids = np.arange(col.numel(), dtype=np.int64)
-    return torch.from_numpy(sp.csr_matrix((ids, col.numpy(), indptr), shape=(n, n)).tocsc().data)
+def _stopwatch(timings, device):
+    """lap(name): the seconds since the previous lap (or this call) into timings[name], once the device's queued
+    work is done; a no-op when timings is None."""
+    def now():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+    last = None if timings is None else [now()]
+
+    def lap(name):
+        if timings is not None:
+            last.append(now())
+            timings[name] = last[-1] - last[-2]
+    return lap
 
 
-def _jaccard_pairs(vt, n):
-    """s_ij = sum_k min(V~_ik, V~_jk) for every pair i <= j with overlapping supports (§4.1 step 6).
-
-    Pairs are enumerated through the columns of V~ (an inverted index): for an entry (i, k), it and every
-    later entry (j > i) of column k contribute min(V~_ik, V~_jk). Returns (i, j, s), i non-decreasing.
-    """
-    row, col, val = vt[0].long(), vt[1].long(), vt[2]
-    order = _column_order(row, col, n)                              # CSC order, rows ascending
-    csc_row, csc_val = row[order], val[order]
-    csc_pos = torch.empty_like(order)
-    csc_pos[order] = torch.arange(order.numel(), device=order.device)
-    after = torch.bincount(col, minlength=n).cumsum(0)[col] - csc_pos    # (i, k) and the entries below
-    row_ptr = torch.zeros(n + 1, dtype=torch.long, device=row.device)
-    row_ptr[1:] = torch.bincount(row, minlength=n).cumsum(0)
-    row_cost = torch.zeros(n, dtype=torch.long, device=row.device).index_add_(0, row, after)
-
-    def make(r0, r1):
-        e0, e1 = int(row_ptr[r0]), int(row_ptr[r1])
-        pos, a, base = _runs(csc_pos[e0:e1], after[e0:e1], val[e0:e1], (row[e0:e1] - r0) * n)
-        return base + csc_row.index_select(0, pos), torch.minimum(a, csc_val.index_select(0, pos))
-
-    return _sum_pairs(make, row_cost, n)
-
-
-def _symmetric_csr(pairs, n):
-    """S_ij = s/(2 - s) = 1 - d_J (d_J clipped at 0) for the pairs i <= j, mirrored; S_ii = 1.
-
-    pairs: list [i, j, s] of tensors [P], i non-decreasing, each diagonal pair once; consumed (emptied) so
-    that its memory is released early. Returns canonical CSR float32.
-    """
-    i, j, s = pairs
-    pairs.clear()
-    sim = torch.clamp(s / (2 - s), max=1.0).cpu().numpy()
-    i, j = i.cpu().numpy(), j.cpu().numpy()
-    sim[i == j] = 0.5                                                # 0.5 + 0.5 = 1 exactly once mirrored
-    if not (sim > 0).all():                                          # s underflowed: d_J = 1, not stored
-        keep = sim > 0
-        i, j, sim = i[keep], j[keep], sim[keep]
-    upper = sp.csr_matrix((sim, j, np.concatenate([[0], np.cumsum(np.bincount(i, minlength=n))])), (n, n))
-    del i, j, s, sim
-    upper.sort_indices()
-    return (upper + upper.T).tocsr()
+# ----------------------------------------------------------------------------------------- input checks
+def _check_inputs(features, k1, k2, modality):
+    """Validated float32 features [N, D] and modality (int64 tensor [N] or None); a clear error otherwise."""
+    if not isinstance(features, torch.Tensor) or features.dim() != 2 or not features.is_floating_point():
+        raise ValueError(f"features: expected a float torch.Tensor [N, D], got {type(features).__name__} "
+                         f"{tuple(getattr(features, 'shape', ()))}")
+    if not all(isinstance(k, numbers.Integral) for k in (k1, k2)) or k1 < 2 or not 1 <= k2 <= k1:
+        raise ValueError(f"k1, k2: expected ints with k1 >= 2 and 1 <= k2 <= k1, got k1 = {k1!r}, k2 = {k2!r}")
+    n = features.shape[0]
+    if n < k1:
+        raise ValueError(f"features: N = {n} samples is fewer than k1 = {k1}")
+    x = features.detach().to(torch.float32)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("features: contains NaN or Inf")
+    norms = x.norm(dim=1)
+    worst = int((norms - 1).abs().argmax())
+    if abs(float(norms[worst]) - 1) > NORM_TOL:
+        raise ValueError(f"features: rows must be L2-normalised (|norm - 1| <= {NORM_TOL}); row {worst} "
+                         f"has norm {float(norms[worst]):.6g} (use torch.nn.functional.normalize)")
+    if modality is None:
+        return x, None
+    mod = np.asarray(modality.detach().cpu() if isinstance(modality, torch.Tensor) else modality)
+    if mod.shape != (n,) or not np.issubdtype(mod.dtype, np.integer) or not np.isin(mod, (0, 1)).all():
+        raise ValueError(f"modality: expected an int array [N = {n}] of 0 (visible) / 1 (infrared), got dtype "
+                         f"{mod.dtype}, shape {mod.shape}, values {np.unique(mod)[:4]}")
+    if k1 % 2:
+        raise ValueError(f"k1: the modality-aware distance takes k1/2 per modality, so k1 must be even, got {k1}")
+    counts = np.bincount(mod, minlength=2)
+    if counts.min() == 0:
+        raise ValueError(f"modality: only {'visible' if counts[0] else 'infrared'} samples present; the "
+                         "modality-aware distance needs both (use modality=None for the standard distance)")
+    if counts.min() < max(k1 // 2, k2):
+        raise ValueError(f"modality: {counts[0]} visible and {counts[1]} infrared samples; each modality needs "
+                         f"at least max(k1/2, k2) = {max(k1 // 2, k2)}")
+    return x, torch.as_tensor(mod, dtype=torch.long, device=x.device)
 
 
-def dbscan(similarity, eps, min_samples=4):
-    """DBSCAN on d = 1 - S (docs/mult.md §4.2), labelled exactly as scikit-learn's DBSCAN(metric="precomputed").
-
-    similarity: scipy.sparse matrix [N, N], symmetric, values in [0, 1] (as jaccard_similarity returns);
-        pairs not stored have distance 1. A stored pair's distance is 1 - S, formed and compared with eps in
-        S's dtype (float32 for jaccard_similarity's output), as scikit-learn does on a float32 matrix.
-    eps: in (0, 1); j is a neighbour of i when 1 - S_ij <= eps; every point is its own neighbour.
-    min_samples: a point with at least this many neighbours (itself included) is a core point.
-    Returns int64 [N]: clusters 0..K-1 numbered in index order of their first core point; a border point takes
-    the lowest-numbered cluster among its core neighbours (the first to reach it in sklearn's scan); -1 =
-    outlier. With no core point every label is -1 (a valid result).
-    """
+def _check_similarity(similarity, eps, min_samples):
+    """DBSCAN's inputs checked; returns the similarity as canonical CSR (duplicates summed)."""
     if not sp.issparse(similarity) or similarity.ndim != 2 or similarity.shape[0] != similarity.shape[1]:
         raise ValueError(f"similarity: expected a square scipy.sparse matrix, got {type(similarity).__name__} "
                          f"{getattr(similarity, 'shape', '')}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating, np.integer)) or not 0 < eps < 1:
+    if not isinstance(eps, numbers.Real) or not 0 < eps < 1:
         raise ValueError(f"eps: expected a number in (0, 1), got {eps!r}")
-    if isinstance(min_samples, bool) or not isinstance(min_samples, (int, np.integer)) or min_samples < 1:
+    if not isinstance(min_samples, numbers.Integral) or min_samples < 1:
         raise ValueError(f"min_samples: expected an int >= 1, got {min_samples!r}")
     s = similarity.tocsr()
     if not s.has_canonical_format:
         s = s.copy()
         s.sum_duplicates()
-    n, data = s.shape[0], s.data
-    if n == 0:
-        return np.empty(0, dtype=np.int64)
-    if not np.issubdtype(data.dtype, np.floating) or not np.isfinite(data).all() or \
-            (data.size and (data.min() < 0 or data.max() > 1)):
+    data = s.data
+    if s.shape[0] and (not np.issubdtype(data.dtype, np.floating) or not np.isfinite(data).all()
+                       or (data.size and (data.min() < 0 or data.max() > 1))):
         raise ValueError("similarity: values must be finite floats in [0, 1]")
-    eps, r, c, step = data.dtype.type(eps), [], [], max(1, n // 16)   # compared in S's dtype, as sklearn
-    for r0 in range(0, n, step):                                     # row chunks: bounded temporaries
-        r1 = min(r0 + step, n)
-        e0, e1 = s.indptr[r0], s.indptr[r1]
-        rows, cols = np.repeat(np.arange(r0, r1), np.diff(s.indptr[r0:r1 + 1])), s.indices[e0:e1]
-        near = ((1 - data[e0:e1]) <= eps) & (rows != cols)           # self excluded
-        r.append(rows[near])
-        c.append(cols[near])
-    r, c = np.concatenate(r), np.concatenate(c)
+    return s
+
+
+def _check_symmetric(r, c, n):
+    """The eps-neighbour pairs (r, c) must be symmetric, as they are for a symmetric S."""
     adj = sp.csr_matrix((np.ones(r.size, np.int8), (r, c)), shape=(n, n))
     if (adj != adj.T).nnz:
         raise ValueError("similarity: must be symmetric (S_ij = S_ji)")
-    core = 1 + np.bincount(r, minlength=n) >= min_samples
-    labels = np.full(n, -1, dtype=np.int64)
-    both = core[r] & core[c]
-    graph = sp.csr_matrix((np.ones(both.sum(), np.int8), (r[both], c[both])), shape=(n, n))
-    _, comp = connected_components(graph, directed=False)
-    core_idx = np.flatnonzero(core)
-    _, first = np.unique(comp[core_idx], return_index=True)          # first core point of each component
-    cluster = np.full(comp.max() + 1 if n else 0, -1, dtype=np.int64)
-    cluster[comp[core_idx[np.sort(first)]]] = np.arange(first.size)
-    labels[core_idx] = cluster[comp[core_idx]]
-    border = ~core[r] & core[c]                                      # (border point, core neighbour)
-    best = np.full(n, np.iinfo(np.int64).max)
-    np.minimum.at(best, r[border], labels[c[border]])
-    has = best < np.iinfo(np.int64).max
-    labels[has] = best[has]
-    return labels
 
 
-def cluster_centers(features, labels):
-    """C_k = mean of the rows of `features` with label k (docs/mult.md §4.2), not re-normalised.
-
-    features: tensor [N, D]; labels: int array or tensor [N], -1 (outliers) ignored.
-    Returns tensor [K, D] on features.device, K = labels.max() + 1; every label 0..K-1 needs a member.
-    """
+def _check_cluster_labels(features, labels):
+    """cluster_centers' inputs checked -> (labels as int64 numpy [N], member counts [K], all > 0)."""
     if not isinstance(features, torch.Tensor) or features.dim() != 2 or not features.is_floating_point():
         raise ValueError(f"features: expected a float torch.Tensor [N, D], got {type(features).__name__}")
     lab = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
@@ -492,8 +565,4 @@ def cluster_centers(features, labels):
     if (counts == 0).any():
         raise ValueError(f"labels: clusters must be numbered 0..K-1; label {np.flatnonzero(counts == 0)[0]} "
                          "has no member")
-    keep = torch.as_tensor(np.flatnonzero(lab >= 0), device=features.device)
-    idx = torch.as_tensor(lab, device=features.device)[keep]
-    sums = torch.zeros(k, features.shape[1], dtype=features.dtype, device=features.device)
-    sums.index_add_(0, idx, features.detach()[keep])
-    return sums / torch.as_tensor(counts, dtype=features.dtype, device=features.device)[:, None]
+    return lab.astype(np.int64), counts

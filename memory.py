@@ -1,104 +1,32 @@
 """Cluster memories and contrastive losses of MULT and MBMIL.
 
-MULT: He, Cheng, Wang, Gao, IJCV 2024 (arXiv 2402.00672); docs/mult.md §7: one memory class
-(§7.1), stage one (§7.2), the six stage-two banks (§7.3), AMIRL by absolute epoch parity (§7.4)
-and OCLR (§7.5). The loss forms follow the official code (docs/mult.md §0 says what of the paper
-was available); docs/mult.md §7 writes them out: s(x; M) = x̄ Mᵀ/τ, L_ms, L_ma, L_oclr, SCE(p ← q).
+MULT: He, Cheng, Wang, Gao, "Exploring Homogeneous and Heterogeneous Consistent Label Associations
+for Unsupervised Visible-Infrared Person ReID", IJCV 2024 (arXiv 2402.00672); docs/mult.md §7: one
+memory class (§7.1, Eqs. (7.1)-(7.2)), stage one (§7.2, Eq. (7.3)), the six stage-two banks
+(§7.3), AMIRL by absolute epoch parity (§7.4, Eqs. (7.4)-(7.11)) and OCLR (§7.5, Eq. (7.12)). The
+loss forms follow the official code (docs/mult.md §0 says what of the paper was available).
 
 MBMIL (BMIL): Wang, Gong, Li, Ji, "Modality-Aware Bias Mitigation and Invariance Learning for
-USL-VI-ReID", AAAI 2026 (arXiv 2512.07760); docs/mbmil.md §A.3: the centroid + hard dual
-memory, the intra-modality loss, the modality split of global clusters into prototypes and the
-multi-positive "split-and-contrast" loss L_glb^m.
+Unsupervised Visible-Infrared Person Re-Identification", AAAI 2026 (arXiv 2512.07760);
+docs/mbmil.md §A.3, Eqs. (A.3.1)-(A.3.7): the centroid + hard dual memory, the intra-modality
+loss, the modality split of global clusters into prototypes and the multi-positive
+"split-and-contrast" loss L_glb^m.
 
 Usage, per iteration: compute the losses (all logits read the pre-update banks), call
-backward and the optimizer step, then update the memories under no_grad
-(`apply_updates(banks, updates)` for MULT, `memory.update(feats, labels)` for MBMIL).
+backward and the optimizer step, then update the memories under no_grad:
+
+    loss, updates = stage_one_loss(banks, feats_v0, feats_v1, feats_r, y_v, y_r)   # MULT
+    loss.backward(); optimizer.step()
+    apply_updates(banks, updates)          # MBMIL: intra_loss(memory, ...), then memory.update
+
 Shapes: B rows in a batch (B_v visible per view, B_r infrared), K slots, D feature size.
+Imports torch and the standard library only: the file can be copied alone into another codebase
+(tests/test_copy_one_file.py does so). Checked against the slow loop references and the
+hand-written loss combinations in tests/test_memory.py (`ref_sequential_update`,
+`ref_hybrid_update`, `expected_stage_two`, `ref_split`, `ref_multi_positive`).
 """
 import torch
 import torch.nn.functional as F
-
-
-def _check_feats(feats, dim, name):
-    """`feats` must be a floating [B, dim] tensor (dim=None: any D); returns it."""
-    if not isinstance(feats, torch.Tensor) or not feats.is_floating_point() or feats.dim() != 2:
-        raise ValueError(f"{name}: expected a floating-point tensor [B, D], got "
-                         f"{type(feats).__name__} {getattr(feats, 'shape', '')}")
-    if dim is not None and feats.shape[1] != dim:
-        raise ValueError(f"{name}: feature size {feats.shape[1]} does not match the memory's D = {dim}")
-    return feats
-
-
-def _unit_rows(feats, name):
-    """f̄ = f/‖f‖ per row, [B, D] -> [B, D]; rows are pre-scaled by their max |entry|, so huge
-    values cannot overflow ‖f‖ into a silent zero. NaN/Inf or all-zero rows raise."""
-    scale = feats.abs().amax(1, keepdim=True)                       # [B, 1]; NaN/Inf propagate
-    if feats.shape[0] and not bool((torch.isfinite(scale) & (scale > 0)).all()):
-        raise ValueError(f"{name}: contains NaN or Inf, or an all-zero row")
-    return F.normalize(feats / scale, dim=1)
-
-
-def _check_labels(labels, n, k, name, allow_outliers):
-    """`labels` must be integer [n], values in [0, k) (k=None: no upper bound; -1 allowed if
-    allow_outliers); returns them as int64."""
-    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point() \
-            or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f"{name}: expected an integer tensor [B], got {type(labels).__name__} "
-                         f"{getattr(labels, 'dtype', '')} {getattr(labels, 'shape', '')}")
-    if labels.numel() != n:
-        raise ValueError(f"{name}: {labels.numel()} labels for {n} feature rows")
-    if n:
-        lo, hi = torch.stack(torch.aminmax(labels)).tolist()
-        if lo < (-1 if allow_outliers else 0) or (k is not None and hi >= k):
-            allowed = f"{-1 if allow_outliers else 0}..{'' if k is None else k - 1}"
-            raise ValueError(f"{name}: values must lie in {allowed} (K = {k}), found {lo}..{hi}")
-    return labels.long()
-
-
-def _normalized_centers(centers, momentum, temp, cls):
-    if not isinstance(centers, torch.Tensor) or not centers.is_floating_point() or centers.dim() != 2 \
-            or centers.shape[0] == 0:
-        raise ValueError(f"{cls}: centers must be a non-empty floating-point tensor [K, D], got "
-                         f"{type(centers).__name__} {getattr(centers, 'shape', '')}")
-    if not bool(torch.isfinite(centers).all()) or bool((centers.norm(dim=1) == 0).any()):
-        raise ValueError(f"{cls}: centers must be finite with non-zero rows")
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"{cls}: momentum must be in [0, 1] (weight of the old entry), got {momentum}")
-    if not temp > 0:
-        raise ValueError(f"{cls}: temp must be > 0, got {temp}")
-    return F.normalize(centers.detach(), dim=1)   # C̄ = C/‖C‖, a fresh tensor
-
-
-def _load_state(d, ref, keys, cls):
-    """Checked copies of the tensors d[key], each shaped like `ref`, on ref's device and dtype."""
-    missing = (set(keys) | {"momentum", "temp"}) - set(d)
-    if missing:
-        raise KeyError(f"{cls}.load_state_dict: missing keys {sorted(missing)}")
-    for key in keys:
-        if tuple(d[key].shape) != tuple(ref.shape):
-            raise ValueError(f"{cls}.load_state_dict: {key} {tuple(d[key].shape)} does not match "
-                             f"this memory's {tuple(ref.shape)}")
-    return [d[key].detach().to(ref.device, ref.dtype).clone() for key in keys]
-
-
-def _occurrence_rank(y):
-    """rank[i] = how many earlier rows of y (in batch order) carry the label y[i]. [n] -> [n]."""
-    order = torch.argsort(y, stable=True)                       # groups labels, keeps batch order
-    _, counts = torch.unique_consecutive(y[order], return_counts=True)
-    starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-    rank = torch.empty_like(y)
-    rank[order] = torch.arange(len(y), device=y.device) - starts
-    return rank
-
-
-def _labelled_unit_rows(feats, labels, bank):
-    """Checked update inputs: the L2-normalised rows of `feats` whose label is not -1, and those labels,
-    on the bank's device and dtype. bank [K, D]; feats [B, D]; labels int [B] in -1..K-1."""
-    k, d = bank.shape
-    _check_feats(feats, d, "feats")
-    labels = _check_labels(labels, feats.shape[0], k, "labels", True).to(bank.device)
-    keep = labels >= 0
-    return _unit_rows(feats.to(bank.device, bank.dtype), "feats")[keep], labels[keep]
 
 
 class ClusterMemory:
@@ -109,17 +37,19 @@ class ClusterMemory:
     """
 
     def __init__(self, centers, momentum=0.1, temp=0.05):
-        self.bank = _normalized_centers(centers, momentum, temp, "ClusterMemory")   # [K, D]
+        _check_memory_args(centers, momentum, temp, "ClusterMemory")
+        self.bank = F.normalize(centers.detach(), dim=1)          # C̄ [K, D], a fresh tensor
         self.momentum, self.temp = float(momentum), float(temp)
 
     def logits(self, feats):
-        """s(f; M) = f̄ Mᵀ / τ. feats [B, D] -> [B, K]; the gradient flows to feats only."""
+        """s(f; M) = f̄ Mᵀ / τ (docs/mult.md Eq. (7.1)). feats [B, D] -> [B, K]; the gradient flows to
+        feats only."""
         _check_feats(feats, self.bank.shape[1], "feats")
         return F.normalize(feats, dim=1) @ self.bank.t().to(feats.dtype) / self.temp
 
     @torch.no_grad()
     def update(self, feats, labels):
-        """Sequential momentum update (§7.1), vectorised exactly.
+        """Sequential momentum update (docs/mult.md §7.1, Eq. (7.2)), vectorised exactly.
 
         For each row i in batch order: M[y_i] <- normalize(m·M[y_i] + (1-m)·f̄_i). Rows of
         different labels commute, so step t updates the t-th occurrence of every label at once
@@ -138,19 +68,90 @@ class ClusterMemory:
             bank.index_copy_(0, y_t, F.normalize(m * bank[y_t] + (1 - m) * f_t, dim=1))
         self.bank = bank
 
-    def state_dict(self):
-        return {"bank": self.bank.clone(), "momentum": self.momentum, "temp": self.temp}
-
-    def load_state_dict(self, d):
-        self.bank, = _load_state(d, self.bank, ("bank",), "ClusterMemory")
-        self.momentum, self.temp = float(d["momentum"]), float(d["temp"])
-
 
 # ---------------------------------------------------------------------------------------------
 # MULT losses (docs/mult.md §7.2-7.5)
 
+def stage_one_loss(banks, feats_v0, feats_v1, feats_r, y_v, y_r):
+    """Stage one, docs/mult.md §7.2, Eq. (7.3):
+    L_stage1 = CE(s(v0; M_v), ℓ^v) + CE(s(v1; M_v), ℓ^v) + CE(s(r; M_r), ℓ^r).
+
+    banks {"v": M_v [K_v, D], "r": M_r [K_r, D]}; feats_v0, feats_v1 [B_v, D] (two visible views);
+    feats_r [B_r, D]; y_v int [B_v] in 0..K_v-1, y_r int [B_r] in 0..K_r-1 (DBSCAN outliers are
+    dropped by the sampler). Returns (loss, updates), updates in call order.
+    """
+    _check_inputs(banks, ("v", "r"), feats_v0, feats_v1, feats_r)
+    updates = []
+    s_v0 = _read(banks, "v", feats_v0, y_v, updates, "y_v", allow_outliers=False)
+    s_v1 = _read(banks, "v", feats_v1, y_v, updates, "y_v", allow_outliers=False)
+    s_r = _read(banks, "r", feats_r, y_r, updates, "y_r", allow_outliers=False)
+    y_v, y_r = y_v.long().to(s_v0.device), y_r.long().to(s_r.device)
+    loss = F.cross_entropy(s_v0, y_v) + F.cross_entropy(s_v1, y_v) + F.cross_entropy(s_r, y_r)
+    return loss, updates
+
+
+def stage_two_loss(banks, feats_v0, feats_v1, feats_r, hard, soft, epoch, oclr=True):
+    """Stage two, AMIRL (docs/mult.md §7.4) + OCLR (§7.5): L_stage2 = L_ms + L_ma + L_oclr, every
+    weight 1 (Eq. (7.11)); even epochs Eqs. (7.5)-(7.7), odd epochs Eqs. (7.8)-(7.10).
+
+    banks: "v" M_v [K_v], "r" M_r [K_r], "rv" M_{r→v} [K_v], "vr" M_{v→r} [K_r],
+           "cv" M_{c,v} [K_v], "cr" M_{c,r} [K_r] (each ClusterMemory with D columns).
+    feats_v0, feats_v1 [B_v, D] visible views; feats_r [B_r, D].
+    hard: int labels h_vv, h_vr [B_v] and h_rr, h_rv [B_r] (keys "vv", "vr", "rr", "rv").
+    soft: β-mixed Ŷ_vv [B_v, K_v], Ŷ_vr [B_v, K_r], Ŷ_rr [B_r, K_r], Ŷ_rv [B_r, K_v].
+    epoch: the ABSOLUTE epoch; even -> visible label space (13 terms), odd -> infrared label
+    space (14 terms); oclr=False drops the 6 L_oclr terms (ablation).
+    Each s(x; M) is computed once (pre-update bank) and registers one update; the plain reads
+    ŝ of L_oclr register none. Returns (loss, {"ms", "ma", "oclr"} as floats, updates).
+    """
+    if int(epoch) != epoch:
+        raise ValueError(f"stage_two_loss: epoch must be an integer, got {epoch!r}")
+    even = int(epoch) % 2 == 0
+    _check_inputs(banks, ("v", "r", "rv", "cv") if even else ("v", "r", "vr", "cr"),
+                  feats_v0, feats_v1, feats_r)
+    for key in ("vv", "vr", "rr", "rv"):
+        if key not in hard or key not in soft:
+            raise KeyError(f"stage_two_loss: hard and soft need key {key!r}")
+    u = []
+    v0, v1, r = feats_v0, feats_v1, feats_r                        # the v0, v1, r of docs/mult.md §7.4
+
+    def s(name, feats, key):   # s(x; M) with its update (name, x, h_key) registered once
+        return _read(banks, name, feats, hard[key], u, f"hard[{key!r}]")
+
+    def ce(logits, key):       # CE(·, Ŷ_key), Eq. (7.4)
+        return soft_ce(logits, soft[key], f"soft[{key!r}]")
+
+    def s_hat(name, feats):    # ŝ(x; M), a plain read: no update
+        return banks[name].logits(feats)
+
+    if even:   # visible label space: M_v, M_r, M_{r→v} ("rv"), M_{c,v} ("cv")
+        v0_v, v1_v = s("v", v0, "vv"), s("v", v1, "vv")
+        r_r, r_rv = s("r", r, "rr"), s("rv", r, "rv")
+        v0_c, v1_c, r_c = s("cv", v0, "vv"), s("cv", v1, "vv"), s("cv", r, "rv")
+        l_ms = ce(v0_v, "vv") + ce(v1_v, "vv") + ce(r_r, "rr") + ce(r_rv, "rv")             # (7.5)
+        l_ma = ce(v0_c, "vv") + ce(v1_c, "vv") + ce(r_c, "rv")                              # (7.6)
+        if oclr:   # targets: the other view on M_v, infrared on M_{r→v}; then the other bank (7.7)
+            l_oclr = (sce(v0_c, v1_v) + sce(v1_c, v0_v) + sce(r_c, r_rv) + sce(v0_c, s_hat("rv", v1))
+                      + sce(v1_c, s_hat("rv", v0)) + sce(r_c, s_hat("v", r)))
+    else:      # infrared label space: M_v, M_r, M_{v→r} ("vr"), M_{c,r} ("cr")
+        v0_v, v1_v = s("v", v0, "vv"), s("v", v1, "vv")
+        v0_vr, v1_vr, r_r = s("vr", v0, "vr"), s("vr", v1, "vr"), s("r", r, "rr")
+        v0_c, v1_c, r_c = s("cr", v0, "vr"), s("cr", v1, "vr"), s("cr", r, "rr")
+        l_ms = (ce(v0_v, "vv") + ce(v1_v, "vv") + ce(v0_vr, "vr") + ce(v1_vr, "vr")
+                + ce(r_r, "rr"))                                                             # (7.8)
+        l_ma = ce(v0_c, "vr") + ce(v1_c, "vr") + ce(r_c, "rr")                              # (7.9)
+        if oclr:   # targets: the other view on M_{v→r}, infrared on M_r; then the other bank (7.10)
+            l_oclr = (sce(v0_c, v1_vr) + sce(v1_c, v0_vr) + sce(r_c, r_r) + sce(v0_c, s_hat("r", v1))
+                      + sce(v1_c, s_hat("r", v0)) + sce(r_c, s_hat("vr", r)))
+    if not oclr:
+        l_oclr = torch.zeros((), dtype=l_ms.dtype, device=l_ms.device)
+    ms, ma, oc = torch.stack([l_ms, l_ma, l_oclr]).detach().tolist()   # one device sync
+    return l_ms + l_ma + l_oclr, {"ms": ms, "ma": ma, "oclr": oc}, u
+
+
 def soft_ce(logits, target, name="target"):
-    """CE(logits, Ŷ) = -(1/B) Σ_b Σ_k Ŷ_bk log softmax(logits_b)_k. [B, K], [B, K] -> scalar."""
+    """CE(z, Ŷ) = −(1/B) Σ_b Σ_k Ŷ_bk log softmax(z_b)_k (docs/mult.md Eq. (7.4)). [B, K], [B, K] ->
+    scalar."""
     if not isinstance(target, torch.Tensor) or tuple(target.shape) != tuple(logits.shape):
         raise ValueError(f"{name}: expected soft labels of shape {tuple(logits.shape)}, got "
                          f"{tuple(getattr(target, 'shape', ()))}")
@@ -158,7 +159,8 @@ def soft_ce(logits, target, name="target"):
 
 
 def sce(p_logits, q_logits, temp=0.2):
-    """OCLR's SCE(p ← q) = -(1/B) Σ_b Σ_k softmax(q_b/0.2)_k log softmax(p_b)_k (§7.5).
+    """OCLR's SCE(p ← q) = −(1/B) Σ_b Σ_k softmax(q_b/0.2)_k log softmax(p_b)_k (docs/mult.md §7.5,
+    Eq. (7.12)).
 
     p_logits, q_logits [B, K] (both already / τ). Neither side is detached: the gradient also
     flows through the target q into the encoder, as in the official code.
@@ -169,102 +171,9 @@ def sce(p_logits, q_logits, temp=0.2):
     return -(F.softmax(q_logits / temp, dim=1) * F.log_softmax(p_logits, dim=1)).sum(1).mean()
 
 
-def _check_inputs(banks, names, f_v0, f_v1, f_r):
-    """Every bank in `names` present; f_v0, f_v1 [B_v, D] and f_r [B_r, D] with the banks' D."""
-    for name in names:
-        if name not in banks:
-            raise KeyError(f"banks: missing bank {name!r}; have {sorted(banks)}")
-    d = banks["v"].bank.shape[1]
-    for f, fname in ((f_v0, "f_v0"), (f_v1, "f_v1"), (f_r, "f_r")):
-        _check_feats(f, d, fname)
-    if f_v0.shape != f_v1.shape:
-        raise ValueError(f"f_v0 {tuple(f_v0.shape)} and f_v1 {tuple(f_v1.shape)}: the two "
-                         f"visible views must have the same shape")
-
-
-def _read(banks, name, feats, labels, updates, label_name, allow_outliers=True):
-    """s(feats; banks[name]) and register the bank update (name, feats.detach(), labels)."""
-    bank = banks[name]
-    labels = _check_labels(labels, feats.shape[0], bank.bank.shape[0], label_name, allow_outliers)
-    updates.append((name, feats.detach(), labels))
-    return bank.logits(feats)
-
-
-def stage_one_loss(banks, f_v0, f_v1, f_r, y_v, y_r):
-    """Stage one, §7.2: L = CE(s(v0;M_v), ℓ_v) + CE(s(v1;M_v), ℓ_v) + CE(s(r;M_r), ℓ_r).
-
-    banks {"v": M_v [K_v, D], "r": M_r [K_r, D]}; f_v0, f_v1 [B_v, D] (two visible views);
-    f_r [B_r, D]; y_v int [B_v] in 0..K_v-1, y_r int [B_r] in 0..K_r-1 (DBSCAN outliers are
-    dropped by the sampler). Returns (loss, updates), updates in call order.
-    """
-    _check_inputs(banks, ("v", "r"), f_v0, f_v1, f_r)
-    updates = []
-    s_v0 = _read(banks, "v", f_v0, y_v, updates, "y_v", allow_outliers=False)
-    s_v1 = _read(banks, "v", f_v1, y_v, updates, "y_v", allow_outliers=False)
-    s_r = _read(banks, "r", f_r, y_r, updates, "y_r", allow_outliers=False)
-    y_v, y_r = y_v.long().to(s_v0.device), y_r.long().to(s_r.device)
-    loss = F.cross_entropy(s_v0, y_v) + F.cross_entropy(s_v1, y_v) + F.cross_entropy(s_r, y_r)
-    return loss, updates
-
-
-def stage_two_loss(banks, f_v0, f_v1, f_r, hard, soft, epoch, oclr=True):
-    """Stage two, AMIRL (§7.4) + OCLR (§7.5): L = L_ms + L_ma + L_oclr, every weight 1.
-
-    banks: "v" M_v [K_v], "r" M_r [K_r], "rv" M_{r→v} [K_v], "vr" M_{v→r} [K_r],
-           "cv" M_{c,v} [K_v], "cr" M_{c,r} [K_r] (each ClusterMemory with D columns).
-    f_v0, f_v1 [B_v, D] visible views; f_r [B_r, D].
-    hard: int labels h_vv, h_vr [B_v] and h_rr, h_rv [B_r] (keys "vv", "vr", "rr", "rv").
-    soft: β-mixed Ŷ_vv [B_v, K_v], Ŷ_vr [B_v, K_r], Ŷ_rr [B_r, K_r], Ŷ_rv [B_r, K_v].
-    epoch: the ABSOLUTE epoch; even -> visible label space (13 terms), odd -> IR label space
-    (14 terms); oclr=False drops the 6 L_oclr terms (ablation).
-    Each s(x; M) is computed once (pre-update bank) and registers one update; the plain reads
-    ŝ of L_oclr register none. Returns (loss, {"ms", "ma", "oclr"} as floats, updates).
-    """
-    if int(epoch) != epoch:
-        raise ValueError(f"stage_two_loss: epoch must be an integer, got {epoch!r}")
-    even = int(epoch) % 2 == 0
-    _check_inputs(banks, ("v", "r", "rv", "cv") if even else ("v", "r", "vr", "cr"), f_v0, f_v1, f_r)
-    for key in ("vv", "vr", "rr", "rv"):
-        if key not in hard or key not in soft:
-            raise KeyError(f"stage_two_loss: hard and soft need key {key!r}")
-    u = []
-
-    def s(name, feats, key):   # s(x; M) with its update (name, x, h_key) registered once
-        return _read(banks, name, feats, hard[key], u, f"hard[{key!r}]")
-
-    def ce(logits, key):       # CE(·, Ŷ_key)
-        return soft_ce(logits, soft[key], f"soft[{key!r}]")
-
-    def s_hat(name, feats):    # ŝ(x; M), a plain read: no update
-        return banks[name].logits(feats)
-
-    if even:   # visible label space: M_v, M_r, M_{r→v} ("rv"), M_{c,v} ("cv")
-        v0_v, v1_v = s("v", f_v0, "vv"), s("v", f_v1, "vv")
-        r_r, r_rv = s("r", f_r, "rr"), s("rv", f_r, "rv")
-        v0_c, v1_c, r_c = s("cv", f_v0, "vv"), s("cv", f_v1, "vv"), s("cv", f_r, "rv")
-        l_ms = ce(v0_v, "vv") + ce(v1_v, "vv") + ce(r_r, "rr") + ce(r_rv, "rv")
-        l_ma = ce(v0_c, "vv") + ce(v1_c, "vv") + ce(r_c, "rv")
-        if oclr:   # targets: the other view on M_v, IR on M_{r→v}; then the other bank
-            l_oclr = (sce(v0_c, v1_v) + sce(v1_c, v0_v) + sce(r_c, r_rv) + sce(v0_c, s_hat("rv", f_v1))
-                      + sce(v1_c, s_hat("rv", f_v0)) + sce(r_c, s_hat("v", f_r)))
-    else:      # IR label space: M_v, M_r, M_{v→r} ("vr"), M_{c,r} ("cr")
-        v0_v, v1_v = s("v", f_v0, "vv"), s("v", f_v1, "vv")
-        v0_vr, v1_vr, r_r = s("vr", f_v0, "vr"), s("vr", f_v1, "vr"), s("r", f_r, "rr")
-        v0_c, v1_c, r_c = s("cr", f_v0, "vr"), s("cr", f_v1, "vr"), s("cr", f_r, "rr")
-        l_ms = ce(v0_v, "vv") + ce(v1_v, "vv") + ce(v0_vr, "vr") + ce(v1_vr, "vr") + ce(r_r, "rr")
-        l_ma = ce(v0_c, "vr") + ce(v1_c, "vr") + ce(r_c, "rr")
-        if oclr:   # targets: the other view on M_{v→r}, IR on M_r; then the other bank
-            l_oclr = (sce(v0_c, v1_vr) + sce(v1_c, v0_vr) + sce(r_c, r_r) + sce(v0_c, s_hat("r", f_v1))
-                      + sce(v1_c, s_hat("r", f_v0)) + sce(r_c, s_hat("vr", f_r)))
-    if not oclr:
-        l_oclr = torch.zeros((), dtype=l_ms.dtype, device=l_ms.device)
-    ms, ma, oc = torch.stack([l_ms, l_ma, l_oclr]).detach().tolist()   # one device sync
-    return l_ms + l_ma + l_oclr, {"ms": ms, "ma": ma, "oclr": oc}, u
-
-
 @torch.no_grad()
 def apply_updates(banks, updates):
-    """Apply the registered bank updates in REVERSE call order (§7.1).
+    """Apply the registered bank updates (Eq. (7.2)) in REVERSE call order (docs/mult.md §7.1).
 
     Official code vs this file: the official memories update inside autograd backward, which runs
     the calls on one bank in roughly reverse order, and a later-run backward already sees the
@@ -283,13 +192,15 @@ def apply_updates(banks, updates):
 # MBMIL (docs/mbmil.md §A.3)
 
 class HybridMemory:
-    """Centroid bank + hard bank [K, D], both initialised to the L2-normalised centers (§A.3).
+    """Centroid bank + hard bank [K, D], both initialised to the L2-normalised centers
+    (docs/mbmil.md §A.3).
 
     μ = momentum is the weight of the OLD value (μ = 0.1 keeps only 10% of it); τ = temp.
     """
 
     def __init__(self, centers, momentum=0.1, temp=0.05):
-        self.centroid = _normalized_centers(centers, momentum, temp, "HybridMemory")   # [K, D]
+        _check_memory_args(centers, momentum, temp, "HybridMemory")
+        self.centroid = F.normalize(centers.detach(), dim=1)                           # [K, D]
         self.hard = self.centroid.clone()                                              # [K, D]
         self.momentum, self.temp = float(momentum), float(temp)
 
@@ -301,10 +212,11 @@ class HybridMemory:
 
     @torch.no_grad()
     def update(self, feats, labels):
-        """One momentum step per label present in the batch (labels -1 skipped).
+        """One momentum step per label present in the batch (labels -1 skipped), docs/mbmil.md
+        Eqs. (A.3.4)-(A.3.5):
 
         centroid[y] <- normalize(μ·centroid[y] + (1-μ)·mean_{i: y_i = y} f̄_i)
-        hard[y]     <- normalize(μ·hard[y] + (1-μ)·x*), x* = the f̄_i of label y least similar
+        hard[y]     <- normalize(μ·hard[y] + (1-μ)·f̄_{i*}), i* = the row of label y least similar
                        (cosine) to the current hard[y]; ties -> first in batch order.
         feats [B, D], labels int [B] in -1..K-1 (for the global memory: prototype indices).
         """
@@ -325,17 +237,10 @@ class HybridMemory:
         self.hard = self.hard.index_copy(
             0, uniq, F.normalize(mu * self.hard[uniq] + (1 - mu) * f[first], dim=1))
 
-    def state_dict(self):
-        return {"centroid": self.centroid.clone(), "hard": self.hard.clone(),
-                "momentum": self.momentum, "temp": self.temp}
-
-    def load_state_dict(self, d):
-        self.centroid, self.hard = _load_state(d, self.centroid, ("centroid", "hard"), "HybridMemory")
-        self.momentum, self.temp = float(d["momentum"]), float(d["temp"])
-
 
 def intra_loss(memory, feats, labels, margin=0.2, hybrid=True, batch_mean=None):
-    """Intra-modality loss (§A.3): ½[CE(hard) + max(0, CE(centroid) − margin)].
+    """Intra-modality loss (docs/mbmil.md §A.3, Eq. (A.3.7)):
+    L_intra = ½[CE(hard) + max(0, CE(centroid) − margin)].
 
     hybrid=False gives plain InfoNCE on the centroid bank, CE(centroid). CE is the batch-mean
     hard-label cross-entropy of f̄ Mᵀ/τ. feats [B, D], labels int [B] in 0..K-1.
@@ -355,25 +260,18 @@ def intra_loss(memory, feats, labels, margin=0.2, hybrid=True, batch_mean=None):
 
 
 def split_prototypes(feats, global_labels, modality):
-    """Split each global cluster z into its visible and its IR mean ("split", §A.3).
+    """Split each global cluster z into its visible and its infrared mean ("split", docs/mbmil.md
+    §A.3, Eq. (A.3.1)): K_{z,m} = (1/n_{z,m}) Σ_{i: z_i = z, m_i = m} f̄_i.
 
     feats [N, D] (rows are L2-normalised before averaging), global_labels int [N] (-1 =
-    outlier), modality int [N] with 0 = visible, 1 = IR. Returns
+    outlier), modality int [N] with 0 = visible, 1 = infrared. Returns
       centers [P, D]: the per-(z, modality) means of the normalised rows, NOT re-normalised;
       proto_labels int64 [P]: the global label z of each prototype;
       proto_index int64 [N]: the prototype of each row's own modality (-1 for outliers).
     Prototypes are ordered by (z, modality); a one-modality cluster gives one prototype.
     """
-    n = _check_feats(feats, None, "feats").shape[0]
-    labels = _check_labels(global_labels, n, None, "global_labels", allow_outliers=True)
-    modality = torch.as_tensor(modality, device=feats.device)
-    if modality.shape != (n,) or modality.is_floating_point() or \
-            not bool(((modality == 0) | (modality == 1)).all()):
-        raise ValueError(f"modality: expected an integer tensor [{n}] of 0 (visible) / 1 (IR), "
-                         f"got {modality.dtype} {tuple(modality.shape)}")
+    labels, modality = _check_split_inputs(feats, global_labels, modality)
     keep = labels >= 0
-    if not bool(keep.any()):
-        raise ValueError("global_labels: every row is an outlier (-1); no prototype to build")
     f = _unit_rows(feats, "feats")[keep]                             # [n, D]
     key = labels[keep] * 2 + modality[keep].long()                  # (z, modality) -> 2z + m
     uniq, inv, counts = torch.unique(key, return_inverse=True, return_counts=True)   # sorted
@@ -384,8 +282,22 @@ def split_prototypes(feats, global_labels, modality):
     return centers, uniq // 2, proto_index
 
 
+def global_loss(memory, feats, labels, proto_labels, hard_neg_k=50):
+    """L_glb = ½(L_glb^m on the hard bank + L_glb^m on the centroid bank), docs/mbmil.md §A.3,
+    Eq. (A.3.6).
+
+    memory: the HybridMemory of the prototypes (centers from split_prototypes); feats [B, D];
+    labels int [B] GLOBAL labels; proto_labels [P]. Update the memory afterwards with the
+    batch's prototype indices (proto_index), not with the global labels.
+    """
+    hard_logits, centroid_logits = memory.logits(feats)
+    return 0.5 * (multi_positive_loss(hard_logits, labels, proto_labels, hard_neg_k)
+                  + multi_positive_loss(centroid_logits, labels, proto_labels, hard_neg_k))
+
+
 def multi_positive_loss(logits, labels, proto_labels, hard_neg_k=50):
-    """Multi-positive InfoNCE over prototypes with hard negatives, L_glb^m (§A.3).
+    """Multi-positive InfoNCE over prototypes with hard negatives, L_glb^m (docs/mbmil.md §A.3,
+    Eqs. (A.3.2)-(A.3.3)).
 
     loss_i = −(1/|P(z_i)|) Σ_{p ∈ P(z_i)} log[exp(logits_ip) / Σ_{j ∈ S(x_i)} exp(logits_ij)],
     P(z_i) = prototypes whose global label is z_i; S(x_i) = the top `hard_neg_k` entries after
@@ -408,19 +320,120 @@ def multi_positive_loss(logits, labels, proto_labels, hard_neg_k=50):
         if hi > k:
             raise ValueError(f"hard_neg_k = {hard_neg_k} is smaller than the {hi} positives of "
                              f"a row; S(x_i) must hold every positive")
-    top = logits.detach().masked_fill(pos, float("inf")).topk(k, dim=1).indices   # [B, k]
+    top = logits.detach().masked_fill(pos, float("inf")).topk(k, dim=1).indices   # S(x_i), [B, k]
     log_p = F.log_softmax(logits.gather(1, top), dim=1)                         # over S(x_i)
     sel_pos = pos.gather(1, top).to(log_p.dtype)                                # [B, k]
     return (-(log_p * sel_pos).sum(1) / n_pos.to(log_p.dtype)).mean()
 
 
-def global_loss(memory, feats, labels, proto_labels, hard_neg_k=50):
-    """½(L_glb^m on the hard bank + L_glb^m on the centroid bank), §A.3.
+# ---------------------------------------------------------------------------------------------
+# shared steps
 
-    memory: the HybridMemory of the prototypes (centers from split_prototypes); feats [B, D];
-    labels int [B] GLOBAL labels; proto_labels [P]. Update the memory afterwards with the
-    batch's prototype indices (proto_index), not with the global labels.
-    """
-    hard_logits, centroid_logits = memory.logits(feats)
-    return 0.5 * (multi_positive_loss(hard_logits, labels, proto_labels, hard_neg_k)
-                  + multi_positive_loss(centroid_logits, labels, proto_labels, hard_neg_k))
+def _read(banks, name, feats, labels, updates, label_name, allow_outliers=True):
+    """s(feats; banks[name]) and register the bank update (name, feats.detach(), labels)."""
+    bank = banks[name]
+    labels = _check_labels(labels, feats.shape[0], bank.bank.shape[0], label_name, allow_outliers)
+    updates.append((name, feats.detach(), labels))
+    return bank.logits(feats)
+
+
+def _occurrence_rank(y):
+    """rank[i] = how many earlier rows of y (in batch order) carry the label y[i]. [n] -> [n]."""
+    order = torch.argsort(y, stable=True)                       # groups labels, keeps batch order
+    _, counts = torch.unique_consecutive(y[order], return_counts=True)
+    starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    rank = torch.empty_like(y)
+    rank[order] = torch.arange(len(y), device=y.device) - starts
+    return rank
+
+
+def _unit_rows(feats, name):
+    """f̄ = f/‖f‖ per row, [B, D] -> [B, D]; rows are pre-scaled by their max |entry|, so huge
+    values cannot overflow ‖f‖ into a silent zero. NaN/Inf or all-zero rows raise."""
+    scale = feats.abs().amax(1, keepdim=True)                       # [B, 1]; NaN/Inf propagate
+    if feats.shape[0] and not bool((torch.isfinite(scale) & (scale > 0)).all()):
+        raise ValueError(f"{name}: contains NaN or Inf, or an all-zero row")
+    return F.normalize(feats / scale, dim=1)
+
+
+def _labelled_unit_rows(feats, labels, bank):
+    """Checked update inputs: the L2-normalised rows of `feats` whose label is not -1, and those labels,
+    on the bank's device and dtype. bank [K, D]; feats [B, D]; labels int [B] in -1..K-1."""
+    k, d = bank.shape
+    _check_feats(feats, d, "feats")
+    labels = _check_labels(labels, feats.shape[0], k, "labels", True).to(bank.device)
+    keep = labels >= 0
+    return _unit_rows(feats.to(bank.device, bank.dtype), "feats")[keep], labels[keep]
+
+
+# ---------------------------------------------------------------------------------------------
+# input checks
+
+def _check_feats(feats, dim, name):
+    """`feats` must be a floating [B, dim] tensor (dim=None: any D); returns it."""
+    if not isinstance(feats, torch.Tensor) or not feats.is_floating_point() or feats.dim() != 2:
+        raise ValueError(f"{name}: expected a floating-point tensor [B, D], got "
+                         f"{type(feats).__name__} {getattr(feats, 'shape', '')}")
+    if dim is not None and feats.shape[1] != dim:
+        raise ValueError(f"{name}: feature size {feats.shape[1]} does not match the memory's D = {dim}")
+    return feats
+
+
+def _check_labels(labels, n, k, name, allow_outliers):
+    """`labels` must be an integer tensor [n], values in [0, k) (k=None: no upper bound; -1 allowed
+    if allow_outliers); returns them as int64."""
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point() \
+            or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"{name}: expected an integer tensor [B], got {type(labels).__name__} "
+                         f"{getattr(labels, 'dtype', '')} {getattr(labels, 'shape', '')}")
+    if labels.numel() != n:
+        raise ValueError(f"{name}: {labels.numel()} labels for {n} feature rows")
+    if n:
+        lo, hi = torch.stack(torch.aminmax(labels)).tolist()
+        if lo < (-1 if allow_outliers else 0) or (k is not None and hi >= k):
+            allowed = f"{-1 if allow_outliers else 0}..{'' if k is None else k - 1}"
+            raise ValueError(f"{name}: values must lie in {allowed} (K = {k}), found {lo}..{hi}")
+    return labels.long()
+
+
+def _check_memory_args(centers, momentum, temp, cls):
+    """A memory's centers [K, D] (finite, non-zero rows), momentum in [0, 1] and temp > 0."""
+    if not isinstance(centers, torch.Tensor) or not centers.is_floating_point() or centers.dim() != 2 \
+            or centers.shape[0] == 0:
+        raise ValueError(f"{cls}: centers must be a non-empty floating-point tensor [K, D], got "
+                         f"{type(centers).__name__} {getattr(centers, 'shape', '')}")
+    if not bool(torch.isfinite(centers).all()) or bool((centers.norm(dim=1) == 0).any()):
+        raise ValueError(f"{cls}: centers must be finite with non-zero rows")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"{cls}: momentum must be in [0, 1] (weight of the old entry), got {momentum}")
+    if not temp > 0:
+        raise ValueError(f"{cls}: temp must be > 0, got {temp}")
+
+
+def _check_inputs(banks, names, feats_v0, feats_v1, feats_r):
+    """Every bank in `names` present; feats_v0, feats_v1 [B_v, D] and feats_r [B_r, D] with the
+    banks' D."""
+    for name in names:
+        if name not in banks:
+            raise KeyError(f"banks: missing bank {name!r}; have {sorted(banks)}")
+    d = banks["v"].bank.shape[1]
+    for f, fname in ((feats_v0, "feats_v0"), (feats_v1, "feats_v1"), (feats_r, "feats_r")):
+        _check_feats(f, d, fname)
+    if feats_v0.shape != feats_v1.shape:
+        raise ValueError(f"feats_v0 {tuple(feats_v0.shape)} and feats_v1 {tuple(feats_v1.shape)}: "
+                         f"the two visible views must have the same shape")
+
+
+def _check_split_inputs(feats, global_labels, modality):
+    """split_prototypes' inputs checked -> (global labels int64 [N], modality tensor [N] of 0/1),
+    with at least one non-outlier row."""
+    n = _check_feats(feats, None, "feats").shape[0]
+    labels = _check_labels(global_labels, n, None, "global_labels", allow_outliers=True)
+    modality = torch.as_tensor(modality, device=feats.device)
+    if modality.shape != (n,) or modality.is_floating_point() or \
+            not bool(((modality == 0) | (modality == 1)).all()):
+        raise ValueError(f"modality: expected an integer tensor [{n}] of 0 (visible) / 1 (infrared), "
+                         f"got {modality.dtype} {tuple(modality.shape)}")
+    if not bool((labels >= 0).any()):
+        raise ValueError("global_labels: every row is an outlier (-1); no prototype to build")
+    return labels, modality

@@ -33,9 +33,9 @@ from tqdm import tqdm
 
 from data.common import read_image
 from data.synthetic import FORMAT_VERSION, ensure_synthetic
+from data.sysu import IR_CAMS, VIS_CAMS
 from data.transforms import crop_pad, train_transforms
 
-VIS_CAMS, IR_CAMS = (1, 2, 4, 5), (3, 6)
 SETTINGS = dict(modalities="both", arch="resnet18", height=64, width=32, num_ids=100, seed=1000, epochs=10,
                 batch_size=128, lr=1e-3)
 

@@ -1,13 +1,14 @@
 """Batch samplers driven by pseudo-label arrays and an own np.random.Generator.
 
-MULT (He et al., IJCV 2024), docs/mult.md §1.5: stage one draws `clusters` visible and,
+MULT (He et al., IJCV 2024), docs/mult.md §1.5, Eq. (1.6): stage one draws `clusters` visible and,
 independently, `clusters` infrared clusters per batch; stage two draws clusters/2 visible-space
 and clusters/2 infrared-space clusters, each contributing `instances` (visible, infrared) pairs.
-MBMIL (Wang et al., AAAI 2026), docs/mbmil.md §A.4: per-modality PK batches.
+MBMIL (Wang et al., AAAI 2026), docs/mbmil.md §A.4: its per-modality PK batches (P clusters x
+K instances, drawn independently per modality, camera-free) are `stage_one_batches`' draw.
 
 Only pseudo-labels enter here, never ground-truth ids; `rng` is required (no global RNG).
-A whole epoch is built at once; each function returns int64 row indices, [num_batches, B, 2]
-(column 0 a visible row, column 1 an infrared row) or [num_batches, B] for one modality.
+A whole epoch is built at once; each function returns int64 row indices [num_batches, B, 2]
+(column 0 a visible row, column 1 an infrared row).
 Label -1 (a DBSCAN outlier) is never drawn.
 Instances of a cluster with more than `instances` members are drawn without replacement, of a
 smaller cluster with replacement (the official rule).
@@ -18,105 +19,34 @@ Paper vs official code: the official sampler draws from NumPy's global RNG with 
 per sample; here one generator drives a vectorised draw, so the streams (not the
 distributions) differ.
 """
+import numbers
+
 import numpy as np
 
 
-def _check_rng(rng):
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator (np.random.default_rng(seed)); "
-                        f"it is required, got {type(rng).__name__}")
-
-
-def _check_count(value, name, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_labels(labels, name):
-    """1-D int64 copy of `labels` (NumPy array, list, or torch tensor on any device), >= -1."""
-    if hasattr(labels, "detach"):   # a torch tensor, possibly on the GPU
-        labels = labels.detach().cpu().numpy()
-    arr = np.asarray(labels)
-    if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
-        raise ValueError(f"{name} must be a 1-D integer array of cluster labels (-1 = outlier), "
-                         f"got dtype {arr.dtype} and shape {arr.shape}")
-    arr = arr.astype(np.int64)
-    if arr.size and arr.min() < -1:
-        raise ValueError(f"{name} has label {arr.min()}; labels must be -1 (outlier) or >= 0")
-    return arr
-
-
-class _Members:
-    """Rows grouped by cluster: `rows[start[k]:start[k] + count[k]]` are the rows of cluster k."""
-
-    def __init__(self, labels):
-        valid = np.flatnonzero(labels >= 0)
-        self.rows = valid[np.argsort(labels[valid], kind="stable")]        # [N'] grouped by label
-        self.count = np.bincount(labels[valid], minlength=int(labels.max(initial=-1)) + 1)  # [K]
-        self.start = np.cumsum(self.count) - self.count                        # [K]
-        self.clusters = np.flatnonzero(self.count)                             # non-empty ids
-
-    def draw(self, chosen, instances, rng):
-        """`instances` rows of each cluster in `chosen` [nb, c] -> rows [nb, c * instances].
-
-        Cluster of n members: n > instances -> a uniform random subset without replacement (in
-        random order); n <= instances -> `instances` uniform draws with replacement.
-        """
-        nb, c = chosen.shape
-        flat = chosen.reshape(-1)                                    # [M], M = nb * c
-        n = self.count[flat]                                         # [M]
-        offset = np.empty((flat.size, instances), dtype=np.int64)   # position inside the cluster
-        small = n <= instances
-        offset[small] = rng.integers(0, n[small, None], size=(int(small.sum()), instances))
-        big = np.flatnonzero(~small)
-        if big.size:
-            # without replacement, all big clusters at once: one random key per member, sort
-            # by (cluster slot, key), keep the first `instances` of every slot
-            size = n[big]                                             # [M']
-            first = np.cumsum(size) - size                            # [M'] slot start in `order`
-            slot = np.repeat(np.arange(big.size), size)               # [T], T = sum(size)
-            order = np.lexsort((rng.random(slot.size), slot))         # [T]
-            take = first[:, None] + np.arange(instances)              # [M', instances]
-            offset[big] = order[take] - first[:, None]
-        rows = self.rows[self.start[flat][:, None] + offset]         # [M, instances]
-        return rows.reshape(nb, c * instances)
-
-
-def _choose(clusters, num_batches, c, rng):
-    """Per batch, c distinct ids from `clusters` in random order: [num_batches, c]."""
-    keys = rng.random((num_batches, clusters.size))
-    return clusters[np.argsort(keys, axis=1)[:, :c]]
-
-
-def _no_cluster(name, what):
-    return ValueError(f"{name}: {what} has no eligible cluster (every label is -1 or the array "
-                      f"is empty): DBSCAN found no cluster, so there is nothing to train on; "
-                      f"check the features and the clustering eps")
-
-
-def stage_one_batches(labels_vis, labels_ir, num_batches, clusters=12, instances=12, rng=None):
+def stage_one_batches(labels_v, labels_r, num_batches, clusters=12, instances=12, rng=None):
     """MULT stage one (docs/mult.md §1.5): unrelated per-modality cluster batches.
 
-    labels_vis: int [N_v] DBSCAN labels of the visible rows (-1 = outlier, never drawn)
-    labels_ir:  int [N_r] DBSCAN labels of the infrared rows
+    labels_v: int [N_v] DBSCAN labels of the visible rows (-1 = outlier, never drawn)
+    labels_r: int [N_r] DBSCAN labels of the infrared rows
     Per batch: `clusters` distinct visible clusters and, independently, `clusters` distinct
     infrared clusters, `instances` images of each. Pair j of a batch couples the j-th visible and
     the j-th infrared draw, which are unrelated.
     With fewer non-empty clusters in either modality, both halves use c = min(clusters, K_v', K_r')
     clusters per batch so that they still pair up.
-    Returns int64 [num_batches, B, 2], B = c * instances.
+    Returns int64 [num_batches, B, 2], B = c * instances. MBMIL's PK batches (docs/mbmil.md §A.4)
+    are the same draw, P = clusters, K = instances.
     """
     _check_rng(rng)
     num_batches = _check_count(num_batches, "num_batches")
     clusters = _check_count(clusters, "clusters")
     instances = _check_count(instances, "instances")
-    vis = _Members(_check_labels(labels_vis, "labels_vis"))
-    ir = _Members(_check_labels(labels_ir, "labels_ir"))
+    vis = _Members(_check_labels(labels_v, "labels_v"))
+    ir = _Members(_check_labels(labels_r, "labels_r"))
     if vis.clusters.size == 0:
-        raise _no_cluster("stage_one_batches", "labels_vis (visible)")
+        raise _no_cluster("stage_one_batches", "labels_v (visible)")
     if ir.clusters.size == 0:
-        raise _no_cluster("stage_one_batches", "labels_ir (infrared)")
+        raise _no_cluster("stage_one_batches", "labels_r (infrared)")
     c = min(clusters, vis.clusters.size, ir.clusters.size)
     rows_vis = vis.draw(_choose(vis.clusters, num_batches, c, rng), instances, rng)  # [nb, B]
     rows_ir = ir.draw(_choose(ir.clusters, num_batches, c, rng), instances, rng)     # [nb, B]
@@ -124,7 +54,7 @@ def stage_one_batches(labels_vis, labels_ir, num_batches, clusters=12, instances
 
 
 def stage_two_batches(h_vv, h_rv, h_vr, h_rr, num_batches, clusters=12, instances=12, rng=None):
-    """MULT stage two (docs/mult.md §1.5): cluster-paired cross-modality batches.
+    """MULT stage two (docs/mult.md §1.5, Eq. (1.6)): cluster-paired cross-modality batches.
 
     h_vv: int [N_v] labels of the visible rows in visible space
     h_rv: int [N_r] labels of the infrared rows in visible space
@@ -170,22 +100,76 @@ def stage_two_batches(h_vv, h_rv, h_vr, h_rr, num_batches, clusters=12, instance
     return np.stack([rows_vis, rows_ir], axis=2)
 
 
-def pk_batches(labels, num_batches, clusters, instances, rng):
-    """PK batches for one modality (MBMIL, docs/mbmil.md §A.4, the camera-free `--no-cam` variant).
+class _Members:
+    """Rows grouped by cluster: `rows[start[k]:start[k] + count[k]]` are the rows of cluster k."""
 
-    labels: int [N] pseudo-labels (-1 never drawn)
-    Per batch: `clusters` distinct clusters (P), `instances` rows each (K), cluster-major.
-    Returns int64 [num_batches, c * instances], c = min(clusters, number of non-empty clusters).
-    Paper vs official code: MBMIL's default sampler prefers instances from other cameras and
-    takes the identities in shuffled passes; this is a camera-free variant with independent
-    uniform draws per batch.
-    """
-    _check_rng(rng)
-    num_batches = _check_count(num_batches, "num_batches")
-    clusters = _check_count(clusters, "clusters")
-    instances = _check_count(instances, "instances")
-    members = _Members(_check_labels(labels, "labels"))
-    if members.clusters.size == 0:
-        raise _no_cluster("pk_batches", "labels")
-    c = min(clusters, members.clusters.size)
-    return members.draw(_choose(members.clusters, num_batches, c, rng), instances, rng)
+    def __init__(self, labels):
+        valid = np.flatnonzero(labels >= 0)
+        self.rows = valid[np.argsort(labels[valid], kind="stable")]        # [N'] grouped by label
+        self.count = np.bincount(labels[valid], minlength=int(labels.max(initial=-1)) + 1)  # [K]
+        self.start = np.cumsum(self.count) - self.count                        # [K]
+        self.clusters = np.flatnonzero(self.count)                             # non-empty ids
+
+    def draw(self, chosen, instances, rng):
+        """`instances` rows of each cluster in `chosen` [nb, c] -> rows [nb, c * instances].
+
+        Cluster of n members: n > instances -> a uniform random subset without replacement (in
+        random order); n <= instances -> `instances` uniform draws with replacement.
+        """
+        nb, c = chosen.shape
+        flat = chosen.reshape(-1)                                    # [M], M = nb * c
+        n = self.count[flat]                                         # [M]
+        offset = np.empty((flat.size, instances), dtype=np.int64)   # position inside the cluster
+        small = n <= instances
+        offset[small] = rng.integers(0, n[small, None], size=(int(small.sum()), instances))
+        big = np.flatnonzero(~small)
+        if big.size:
+            # without replacement, all big clusters at once: one random key per member, sort
+            # by (cluster slot, key), keep the first `instances` of every slot
+            size = n[big]                                             # [M']
+            first = np.cumsum(size) - size                            # [M'] slot start in `order`
+            slot = np.repeat(np.arange(big.size), size)               # [T], T = sum(size)
+            order = np.lexsort((rng.random(slot.size), slot))         # [T]
+            take = first[:, None] + np.arange(instances)              # [M', instances]
+            offset[big] = order[take] - first[:, None]
+        rows = self.rows[self.start[flat][:, None] + offset]         # [M, instances]
+        return rows.reshape(nb, c * instances)
+
+
+def _choose(clusters, num_batches, c, rng):
+    """Per batch, c distinct ids from `clusters` in random order: [num_batches, c]."""
+    keys = rng.random((num_batches, clusters.size))
+    return clusters[np.argsort(keys, axis=1)[:, :c]]
+
+
+# ----------------------------------------------------------------------------- input checks
+def _check_rng(rng):
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator (np.random.default_rng(seed)); "
+                        f"it is required, got {type(rng).__name__}")
+
+
+def _check_count(value, name, minimum=1):
+    if not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_labels(labels, name):
+    """1-D int64 copy of `labels` (NumPy array, list, or torch tensor on any device), >= -1."""
+    if hasattr(labels, "detach"):   # a torch tensor, possibly on the GPU
+        labels = labels.detach().cpu().numpy()
+    arr = np.asarray(labels)
+    if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+        raise ValueError(f"{name} must be a 1-D integer array of cluster labels (-1 = outlier), "
+                         f"got dtype {arr.dtype} and shape {arr.shape}")
+    arr = arr.astype(np.int64)
+    if arr.size and arr.min() < -1:
+        raise ValueError(f"{name} has label {arr.min()}; labels must be -1 (outlier) or >= 0")
+    return arr
+
+
+def _no_cluster(name, what):
+    return ValueError(f"{name}: {what} has no eligible cluster (every label is -1 or the array "
+                      f"is empty): DBSCAN found no cluster, so there is nothing to train on; "
+                      f"check the features and the clustering eps")

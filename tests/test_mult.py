@@ -284,11 +284,11 @@ def test_associate_dispatch():
 def test_bad_input_names_the_argument():
     fv, fr, lv, lr, sv, sr = make_case(0)
     call = mult.label_transfer
-    with pytest.raises(ValueError, match="feat_v: rows must be L2-normalised"):
+    with pytest.raises(ValueError, match="feats_v: rows must be L2-normalised"):
         call(fv * 2, fr, lv, lr, sv, sr)
-    with pytest.raises(ValueError, match="feat_r"):
+    with pytest.raises(ValueError, match="feats_r"):
         call(fv, fr.numpy(), lv, lr, sv, sr)
-    with pytest.raises(ValueError, match="feat_v, feat_r"):
+    with pytest.raises(ValueError, match="feats_v, feats_r"):
         call(fv, F.normalize(fr[:, :8], dim=1), lv, lr, sv, sr)
     bad = lv.copy()
     bad[bad == 1] = 0

@@ -1,8 +1,8 @@
-"""data/samplers.py: batch composition of docs/mult.md §1.5 and MBMIL's PK batches."""
+"""data/samplers.py: batch composition of docs/mult.md §1.5 (MBMIL's PK batches are stage one's draw)."""
 import numpy as np
 import pytest
 
-from data.samplers import pk_batches, stage_one_batches, stage_two_batches
+from data.samplers import stage_one_batches, stage_two_batches
 
 
 def blocks(rows, labels, instances):
@@ -74,8 +74,6 @@ def test_determinism_and_seed():
     h = [make_labels(rng_labels, n, 6, 0) for n in (200, 150, 200, 150)]
     assert np.array_equal(stage_two_batches(*h, 4, rng=np.random.default_rng(3)),
                           stage_two_batches(*h, 4, rng=np.random.default_rng(3)))
-    assert np.array_equal(pk_batches(lv, 4, 3, 2, np.random.default_rng(3)),
-                          pk_batches(lv, 4, 3, 2, np.random.default_rng(3)))
 
 
 def test_too_few_and_zero_clusters():
@@ -85,14 +83,11 @@ def test_too_few_and_zero_clusters():
     assert out.shape == (6, 6, 2)                                 # c = min(12, 3, 10) = 3
     for ids in blocks(out[..., 0], lv, 2):
         assert sorted(ids.tolist()) == [0, 1, 2]                  # all of them, every batch
-    assert pk_batches(lv, 3, 5, 2, np.random.default_rng(0)).shape == (3, 6)
     none = np.full(8, -1)
     with pytest.raises(ValueError, match="DBSCAN found no cluster"):
         stage_one_batches(none, lr, 2, rng=np.random.default_rng(0))
-    with pytest.raises(ValueError, match="labels_ir"):
+    with pytest.raises(ValueError, match="labels_r"):
         stage_one_batches(lv, none, 2, rng=np.random.default_rng(0))
-    with pytest.raises(ValueError, match="DBSCAN found no cluster"):
-        pk_batches(none, 2, 2, 2, np.random.default_rng(0))
 
 
 def test_stage_two_anchoring():
@@ -136,27 +131,17 @@ def test_stage_two_errors():
         stage_two_batches(h[0], h[1], h[2] + 3, h[3], 2, rng=rng)
 
 
-def test_pk_batches():
-    rng = np.random.default_rng(4)
-    labels = make_labels(rng, 300, 12)
-    out = pk_batches(labels, 25, 4, 6, rng)
-    assert out.shape == (25, 24) and out.dtype == np.int64
-    ids = blocks(out, labels, 6)
-    assert all(len(set(b.tolist())) == 4 for b in ids) and (ids >= 0).all()
-    check_draw_rule(out, labels, 6, np.bincount(labels[labels >= 0]))
-
-
 def test_bad_input():
     labels = np.arange(10) % 3
     with pytest.raises(TypeError, match="Generator"):
-        pk_batches(labels, 2, 2, 2, 0)
+        stage_one_batches(labels, labels, 2, 2, 2, 0)
     for bad, text in ((labels.reshape(2, 5), "1-D"), (labels.astype(float), "integer"),
                       (labels - 2, "-1")):
         with pytest.raises(ValueError, match=text):
-            pk_batches(bad, 2, 2, 2, np.random.default_rng(0))
+            stage_one_batches(labels, bad, 2, 2, 2, np.random.default_rng(0))
     for args, text in (((0, 2, 2), "num_batches"), ((2, 0, 2), "clusters"), ((2, 2, 1.5), "instances")):
         with pytest.raises(ValueError, match=text):
-            pk_batches(labels, *args, np.random.default_rng(0))
+            stage_one_batches(labels, labels, *args, np.random.default_rng(0))
 
 
 def test_rng_required_and_tensor_labels():
