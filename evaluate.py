@@ -1,21 +1,34 @@
-"""Evaluation: the SYSU-MM01, RegDB and LLCM test protocols, their metrics, re-ranking, feature
-extraction, reports (tables, rank lists, summaries across runs) and a CLI.
+"""Evaluation: the SYSU-MM01, RegDB and LLCM test protocols and their metrics, k-reciprocal re-ranking,
+feature extraction and the evaluation CLI.
 
-Implements the test protocol of MULT (He et al., IJCV 2024; docs/mult.md §9), which MBMIL (Wang
-et al., AAAI 2026) shares: each image's eval feature and its horizontal flip's are averaged and
-L2-normalised again; distance is squared Euclidean in float64; ranking is NumPy's default argsort.
-- SYSU-MM01: query = every IR test image (cams 3 and 6); gallery = one visible image per
-  (identity, camera) drawn with seed `trial` (all-search cams 1, 2, 4, 5; indoor-search cams 1, 2),
-  10 draws; a cam-3 query never sees cam-2 gallery images; the CMC counts distinct identities.
-- RegDB: visible->thermal and thermal->visible on the test half of split t; one model per split.
-- LLCM (Zhang & Wang, CVPR 2023, its official evaluation): IR->VIS (the official default; query =
-  every infrared test image, gallery = one visible image per (identity, camera) drawn with seed
-  `trial`, 10 draws) and VIS->IR (the reverse); a query never sees gallery images of its own
-  identity in its own camera number; the CMC counts distinct identities (data/llcm.py).
-Metrics: rank-k CMC; with hits at 1-based ranks p_1 < ... < p_n, AP = (1/n) sum_t t/p_t and
-INP = n/p_n. Queries without a correct match are left out of every average, as officially.
-Optional, off by default: k-reciprocal re-ranking (Zhong et al., CVPR 2017), `re_ranking`; the
-papers of this field report without it.
+Protocol of MULT (He et al., IJCV 2024; docs/mult.md §9), which MBMIL (Wang et al., AAAI 2026) shares:
+each image's eval feature and its horizontal flip's are averaged and L2-normalised again (9.1); the
+distance is squared Euclidean in float64 (9.2); the ranking is NumPy's default argsort; AP, INP and
+the CMC as (9.3)-(9.5). Queries without a correct match are left out of every average, as officially.
+- SYSU-MM01 (Wu et al., "RGB-Infrared Cross-Modality Person Re-Identification", ICCV 2017; mult.md §9):
+  query = every IR test image (cams 3 and 6); gallery = one visible image per (identity, camera) drawn
+  with seed `trial` (all-search cams 1, 2, 4, 5; indoor-search cams 1, 2), 10 draws; a cam-3 query never
+  sees cam-2 gallery images; the CMC counts distinct identities.
+- RegDB (Nguyen et al., "Person Recognition System Based on a Combination of Body Images from Visible
+  Light and Thermal Cameras", Sensors 2017; mult.md §9): visible->thermal and thermal->visible on the
+  test half of split t; one model per split.
+- LLCM (Zhang & Wang, "Diverse Embedding Expansion Network and Low-Light Cross-Modality Benchmark for
+  Visible-Infrared Person Re-identification", CVPR 2023; docs/llcm.md §3-§4, its official evaluation):
+  IR->VIS (the official default; query = every infrared test image, gallery = one visible image per
+  (identity, camera) drawn with seed `trial`, 10 draws) and VIS->IR (the reverse); a query never sees
+  gallery images of its own identity in its own camera number (4.1); the CMC counts distinct identities.
+Optional, off by default: k-reciprocal re-ranking (Zhong et al., CVPR 2017), `re_ranking`; the papers of
+this field report without it.
+
+The file reads top to bottom: the metrics (`eval_sysu`, `eval_regdb`, `eval_llcm`), re-ranking, feature
+extraction (`extract_features`, `pairwise_distance`), the protocols (`evaluate_sysu`, `evaluate_regdb`,
+`evaluate_llcm`, `evaluate_from_features`: the test images extracted once, each trial indexed into
+them), then the CLI. Reports (tables of one run and across runs, rank lists) are in reports.py.
+Imports at module level: torch, numpy, scipy and the standard library only, so that the metrics, the
+distance and the re-ranking work from a copy of this file alone (tests/test_copy_evaluate.py). Imported
+where needed: tqdm and data/ (readers, test transform) by the extraction and the protocols, reports.py by
+the rank lists and the CLI. Checked against slow references written in the tests: `reference_metrics`
+and `reference_re_ranking` in tests/test_evaluate.py, `reference_llcm` in tests/test_llcm.py.
 
     python evaluate.py --dataset sysu --checkpoint runs/mult_sysu/last.pth --trials 0-9
     python evaluate.py --dataset regdb --trial 3 --checkpoint runs/mult_regdb_trial3/last.pth
@@ -25,7 +38,6 @@ papers of this field report without it.
     python evaluate.py --summarize runs/mult_regdb_trial*
 """
 import argparse
-import html
 import json
 import logging
 import os
@@ -37,43 +49,103 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 logger = logging.getLogger("evaluate")
-METRICS = ("R1", "R5", "R10", "R20", "mAP", "mINP")
-LABELS = {"all": "SYSU all-search", "indoor": "SYSU indoor-search",
-          "v2t": "RegDB visible->thermal", "t2v": "RegDB thermal->visible",
-          "i2v": "LLCM IR->VIS", "v2i": "LLCM VIS->IR", "v2i_transposed": "LLCM VIS->IR transposed"}
+METRICS = ("R1", "R5", "R10", "R20", "mAP", "mINP")   # the reported scores, in percent
 QUERY_BLOCK = 1024   # queries ranked at once: memory stays at a few [QUERY_BLOCK, G] arrays
 RERANK_BLOCK_BYTES = 32 * 2**20   # rows of the joint distance held at once by the re-ranking
 RERANK_CHUNK = 2**22              # entries per chunk in the re-ranking's sparse steps
-DATASET_ROOTS = {"sysu": "datasets/SYSU-MM01", "regdb": "datasets/RegDB", "llcm": "datasets/LLCM",
-                 "synthetic": "datasets/synthetic"}
 
 
 # ----------------------------------------------------------------------------- metrics (numpy)
-def _check_metric_inputs(distmat, max_rank, **ids):
-    distmat = np.asarray(distmat, dtype=np.float64)
-    if distmat.ndim != 2:
-        raise ValueError(f"distmat: expected a 2-D [num_query, num_gallery] array, got {distmat.shape}")
-    num_q, num_g = distmat.shape
-    if num_q == 0 or num_g == 0:
-        raise ValueError(f"distmat: empty {'query' if num_q == 0 else 'gallery'} set "
-                         f"(shape {distmat.shape}); expected at least one of each")
-    if not np.isfinite(distmat).all():
-        raise ValueError(f"distmat: {int((~np.isfinite(distmat)).sum())} NaN/inf entries; "
-                         "expected finite distances")
-    out = {}
-    for name, values in ids.items():
-        values = np.asarray(values)
-        n = num_q if name.startswith("q_") else num_g
-        if values.shape != (n,):
-            raise ValueError(f"{name}: expected shape ({n},) to match distmat {distmat.shape}, "
-                             f"got {values.shape}")
-        out[name] = values
-    if isinstance(max_rank, bool) or int(max_rank) != max_rank or max_rank < 1:
-        raise ValueError(f"max_rank: expected an integer >= 1, got {max_rank!r}")
-    return distmat, int(max_rank), out
+def eval_sysu(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=20, return_valid=False):
+    """SYSU-MM01 metrics (docs/mult.md §9). distmat [Q, G] -> (cmc [max_rank] in [0, 1], mAP, mINP).
+
+    Gallery images of camera 2 are dropped for queries of camera 3. CMC: on the ranked list after
+    exclusion keep the first image of each identity; rank-k = the true identity is among the
+    first k distinct ones (if fewer than max_rank distinct ids remain the CMC stays at its last
+    value). mAP / mINP use the full list after exclusion. Averages are over valid queries (those
+    with a match); `return_valid=True` appends their number, otherwise skips are logged.
+    Official code notes: it averages the CMC in float32 and shortens it when G < max_rank; here
+    float64, always max_rank long. The ranking is the same np.argsort, so ties resolve alike.
+    """
+    checked = _check_metric_inputs(distmat, max_rank, q_pids, g_pids, q_camids, g_camids)
+    return _rank_metrics("sysu", *checked, return_valid, "eval_sysu")
+
+
+def eval_regdb(distmat, q_pids, g_pids, max_rank=20, return_valid=False):
+    """RegDB metrics (docs/mult.md §9): standard CMC on the full ranked list, AP and INP, no exclusion.
+
+    distmat [Q, G] -> (cmc [max_rank], mAP, mINP) [+ number of valid queries]; as `eval_sysu`.
+    """
+    checked = _check_metric_inputs(distmat, max_rank, q_pids, g_pids)
+    return _rank_metrics("regdb", *checked, return_valid, "eval_regdb")
+
+
+def eval_llcm(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=20, return_valid=False):
+    """LLCM metrics (docs/llcm.md §4, as the dataset's official evaluation code computes them).
+
+    distmat [Q, G] -> (cmc [max_rank] in [0, 1], mAP, mINP) [+ number of valid queries].
+    For each query, every gallery image of its identity AND its camera number is dropped (visible
+    camN and infrared camN are one camera). Then as `eval_sysu`: the CMC over distinct identities of
+    the kept list, mAP and mINP on the kept list, averages over valid queries (a kept match).
+    Official code notes: it adds the all-zero CMC of each invalid query to the sum and divides by the
+    number of valid queries, which is the mean over the valid ones, computed here directly. The
+    ranking is the same np.argsort, so ties resolve alike.
+    """
+    checked = _check_metric_inputs(distmat, max_rank, q_pids, g_pids, q_camids, g_camids)
+    return _rank_metrics("llcm", *checked, return_valid, "eval_llcm")
+
+
+def excluded(protocol, q_pids, g_pids, q_camids=None, g_camids=None):
+    """bool [Q, G]: the gallery images each query never sees. SYSU-MM01 ("sysu", docs/mult.md §9): camera-2
+    images for a camera-3 query (one room); LLCM ("llcm", docs/llcm.md (4.1)): the query's own identity in
+    its own camera number; RegDB ("regdb"): none."""
+    if protocol == "sysu":
+        return (q_camids[:, None] == 3) & (g_camids[None, :] == 2)
+    if protocol == "llcm":
+        return (q_pids[:, None] == g_pids[None, :]) & (q_camids[:, None] == g_camids[None, :])
+    return np.zeros((len(q_pids), len(g_pids)), dtype=bool)
+
+
+def _rank_metrics(protocol, distmat, max_rank, q_pids, g_pids, q_camids, g_camids, return_valid, caller):
+    """CMC, mAP, mINP over blocks of QUERY_BLOCK queries (the CMC over distinct identities but for RegDB)."""
+    num_q = len(distmat)
+    parts = []
+    for b in (slice(s, s + QUERY_BLOCK) for s in range(0, num_q, QUERY_BLOCK)):
+        q_cams = None if q_camids is None else q_camids[b]
+        keep = ~excluded(protocol, q_pids[b], g_pids, q_cams, g_camids)     # [B, G] gallery order
+        parts.append(_query_scores(distmat[b], q_pids[b], g_pids, keep, distinct=protocol != "regdb"))
+    valid, ap, inp, match_rank = (np.concatenate(x) for x in zip(*parts))
+    num_valid = int(valid.sum())
+    if num_valid == 0:
+        raise ValueError(f"{caller}: none of the {num_q} queries has a correct match in the "
+                         "gallery (check the query/gallery identities)")
+    if num_valid < num_q and not return_valid:
+        logger.warning("%s: %d of %d queries have no correct match in the gallery and are left "
+                       "out of every average", caller, num_q - num_valid, num_q)
+    cmc = (match_rank[:, None] <= np.arange(1, max_rank + 1)[None, :]).mean(0)
+    out = (cmc.astype(np.float64), float(ap.mean()), float(inp.mean()))
+    return out + (num_valid,) if return_valid else out
+
+
+def _query_scores(distmat, q_pids, g_pids, keep, distinct):
+    """Per query of a block: valid [B] (has a kept match) and, for the valid ones, AP, INP and
+    the CMC rank of the match (first hit, or distinct-identity rank). keep [B, G] gallery order."""
+    order = np.argsort(distmat, axis=1)                             # [B, G]; official (unstable)
+    kept = np.take_along_axis(keep, order, axis=1)                  # [B, G] in rank order
+    hit = (g_pids[order] == q_pids[:, None]) & kept                 # [B, G] correct match at rank
+    n_hits = hit.sum(1)
+    valid = n_hits > 0
+    hit, kept, n_hits, rows = hit[valid], kept[valid], n_hits[valid], np.arange(int(valid.sum()))
+    pos = np.maximum(np.cumsum(kept, axis=1), 1)                    # 1-based rank after exclusion
+    ap = np.where(hit, np.cumsum(hit, axis=1) / pos, 0.0).sum(1) / n_hits   # (1/n) sum_t t/p_t
+    inp = n_hits / pos[rows, hit.shape[1] - 1 - np.argmax(hit[:, ::-1], axis=1)]   # n / p_n
+    if distinct:
+        match_rank = _distinct_rank(order[valid], keep[valid], g_pids, q_pids[valid])
+    else:
+        match_rank = pos[rows, np.argmax(hit, axis=1)]              # p_1
+    return valid, ap, inp, match_rank
 
 
 def _distinct_rank(order, keep, g_pids, q_pids):
@@ -96,99 +168,27 @@ def _distinct_rank(order, keep, g_pids, q_pids):
     return (first <= own[:, None]).sum(1)
 
 
-def _query_scores(distmat, q_pids, g_pids, keep, distinct):
-    """Per query of a block: valid [B] (has a kept match) and, for the valid ones, AP, INP and
-    the CMC rank of the match (first hit, or distinct-identity rank). keep [B, G] gallery order."""
-    order = np.argsort(distmat, axis=1)                             # [B, G]; official (unstable)
-    kept = np.take_along_axis(keep, order, axis=1)                  # [B, G] in rank order
-    hit = (g_pids[order] == q_pids[:, None]) & kept                 # [B, G] correct match at rank
-    n_hits = hit.sum(1)
-    valid = n_hits > 0
-    hit, kept, n_hits, rows = hit[valid], kept[valid], n_hits[valid], np.arange(int(valid.sum()))
-    pos = np.maximum(np.cumsum(kept, axis=1), 1)                    # 1-based rank after exclusion
-    ap = np.where(hit, np.cumsum(hit, axis=1) / pos, 0.0).sum(1) / n_hits   # (1/n) sum_t t/p_t
-    inp = n_hits / pos[rows, hit.shape[1] - 1 - np.argmax(hit[:, ::-1], axis=1)]   # n / p_n
-    if distinct:
-        match_rank = _distinct_rank(order[valid], keep[valid], g_pids, q_pids[valid])
-    else:
-        match_rank = pos[rows, np.argmax(hit, axis=1)]              # p_1
-    return valid, ap, inp, match_rank
-
-
-def _rank_metrics(distmat, q_pids, g_pids, keep_of, distinct, max_rank, return_valid, caller):
-    """CMC, mAP, mINP over blocks of QUERY_BLOCK queries; keep_of(rows) -> [B, G] kept mask."""
-    num_q = len(distmat)
-    blocks = [slice(s, s + QUERY_BLOCK) for s in range(0, num_q, QUERY_BLOCK)]
-    parts = [_query_scores(distmat[b], q_pids[b], g_pids, keep_of(b), distinct) for b in blocks]
-    valid, ap, inp, match_rank = (np.concatenate(x) for x in zip(*parts))
-    num_valid = int(valid.sum())
-    if num_valid == 0:
-        raise ValueError(f"{caller}: none of the {num_q} queries has a correct match in the "
-                         "gallery (check the query/gallery identities)")
-    if num_valid < num_q and not return_valid:
-        logger.warning("%s: %d of %d queries have no correct match in the gallery and are left "
-                       "out of every average", caller, num_q - num_valid, num_q)
-    cmc = (match_rank[:, None] <= np.arange(1, max_rank + 1)[None, :]).mean(0)
-    out = (cmc.astype(np.float64), float(ap.mean()), float(inp.mean()))
-    return out + (num_valid,) if return_valid else out
-
-
-def _exclusion(protocol, q_pids, g_pids, q_camids, g_camids):
-    """rows -> bool [B, G] in gallery order: the gallery images the queries `rows` never see.
-    SYSU-MM01: camera-2 images for a camera-3 query (one room); LLCM: the query's own identity in its
-    own camera number; RegDB: none."""
-    if protocol == "sysu":
-        return lambda b: (q_camids[b, None] == 3) & (g_camids[None, :] == 2)
-    if protocol == "llcm":
-        return lambda b: (q_pids[b, None] == g_pids[None, :]) & (q_camids[b, None] == g_camids[None, :])
-    return lambda b: np.zeros((len(q_pids[b]), len(g_pids)), dtype=bool)
-
-
-def eval_sysu(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=20, return_valid=False):
-    """SYSU-MM01 metrics (docs/mult.md §9). distmat [Q, G] -> (cmc [max_rank] in [0, 1], mAP, mINP).
-
-    Gallery images of camera 2 are dropped for queries of camera 3. CMC: on the ranked list after
-    exclusion keep the first image of each identity; rank-k = the true identity is among the
-    first k distinct ones (if fewer than max_rank distinct ids remain the CMC stays at its last
-    value). mAP / mINP use the full list after exclusion. Averages are over valid queries (those
-    with a match); `return_valid=True` appends their number, otherwise skips are logged.
-    Official code notes: it averages the CMC in float32 and shortens it when G < max_rank; here
-    float64, always max_rank long. The ranking is the same np.argsort, so ties resolve alike.
-    """
-    distmat, max_rank, a = _check_metric_inputs(distmat, max_rank, q_pids=q_pids, g_pids=g_pids,
-                                                q_camids=q_camids, g_camids=g_camids)
-    drop = _exclusion("sysu", a["q_pids"], a["g_pids"], a["q_camids"], a["g_camids"])
-    return _rank_metrics(distmat, a["q_pids"], a["g_pids"], lambda b: ~drop(b), True, max_rank,
-                         return_valid, "eval_sysu")
-
-
-def eval_regdb(distmat, q_pids, g_pids, max_rank=20, return_valid=False):
-    """RegDB metrics (docs/mult.md §9): standard CMC on the full ranked list, AP and INP, no exclusion.
-
-    distmat [Q, G] -> (cmc [max_rank], mAP, mINP) [+ number of valid queries]; as `eval_sysu`.
-    """
-    distmat, max_rank, a = _check_metric_inputs(distmat, max_rank, q_pids=q_pids, g_pids=g_pids)
-    keep_of = lambda b: np.ones((len(a["q_pids"][b]), distmat.shape[1]), dtype=bool)  # noqa: E731
-    return _rank_metrics(distmat, a["q_pids"], a["g_pids"], keep_of, False, max_rank, return_valid,
-                         "eval_regdb")
-
-
-def eval_llcm(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=20, return_valid=False):
-    """LLCM metrics (Zhang & Wang, CVPR 2023, as its official evaluation code computes them).
-
-    distmat [Q, G] -> (cmc [max_rank] in [0, 1], mAP, mINP) [+ number of valid queries].
-    For each query, every gallery image of its identity AND its camera number is dropped (visible
-    camN and infrared camN are one camera). Then as `eval_sysu`: the CMC over distinct identities of
-    the kept list, mAP and mINP on the kept list, averages over valid queries (a kept match).
-    Official code notes: it adds the all-zero CMC of each invalid query to the sum and divides by the
-    number of valid queries, which is the mean over the valid ones, computed here directly. The
-    ranking is the same np.argsort, so ties resolve alike.
-    """
-    distmat, max_rank, a = _check_metric_inputs(distmat, max_rank, q_pids=q_pids, g_pids=g_pids,
-                                                q_camids=q_camids, g_camids=g_camids)
-    drop = _exclusion("llcm", a["q_pids"], a["g_pids"], a["q_camids"], a["g_camids"])
-    return _rank_metrics(distmat, a["q_pids"], a["g_pids"], lambda b: ~drop(b), True, max_rank,
-                         return_valid, "eval_llcm")
+def _check_metric_inputs(distmat, max_rank, q_pids, g_pids, *camids):
+    """-> (distmat float64 [Q, G], max_rank, q_pids, g_pids, q_camids, g_camids), ids as arrays;
+    camids: (q_camids, g_camids), or none (RegDB: then both None)."""
+    distmat = np.asarray(distmat, dtype=np.float64)
+    if distmat.ndim != 2:
+        raise ValueError(f"distmat: expected a 2-D [num_query, num_gallery] array, got {distmat.shape}")
+    num_q, num_g = distmat.shape
+    if num_q == 0 or num_g == 0:
+        raise ValueError(f"distmat: empty {'query' if num_q == 0 else 'gallery'} set "
+                         f"(shape {distmat.shape}); expected at least one of each")
+    if not np.isfinite(distmat).all():
+        raise ValueError(f"distmat: {int((~np.isfinite(distmat)).sum())} NaN/inf entries; "
+                         "expected finite distances")
+    ids = [np.asarray(v) for v in (q_pids, g_pids, *camids)]
+    for name, values, n in zip(("q_pids", "g_pids", "q_camids", "g_camids"), ids, (num_q, num_g) * 2):
+        if values.shape != (n,):
+            raise ValueError(f"{name}: expected shape ({n},) to match distmat {distmat.shape}, "
+                             f"got {values.shape}")
+    if isinstance(max_rank, bool) or int(max_rank) != max_rank or max_rank < 1:
+        raise ValueError(f"max_rank: expected an integer >= 1, got {max_rank!r}")
+    return (distmat, int(max_rank), *ids, *[None] * (4 - len(ids)))
 
 
 # ----------------------------------------------------------------------------- re-ranking (numpy / scipy)
@@ -370,26 +370,16 @@ def _check_rerank_inputs(q_g_dist, q_q_dist, g_g_dist, k1, k2, lambda_value):
 
 
 # ----------------------------------------------------------------------------- features
-def _model_output(model_fn, x, modality):
-    f = model_fn(x, modality)
-    if not isinstance(f, torch.Tensor) or f.dim() != 2 or f.shape[0] != x.shape[0]:
-        shape = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
-        raise ValueError(f"model_fn: expected a [B, D] tensor for B = {x.shape[0]} images, got {shape}")
-    if not torch.isfinite(f).all():
-        raise ValueError(f"model_fn returned NaN/inf features (modality {modality}); check the "
-                         "checkpoint and the input normalisation")
-    return f.float()
-
-
 def extract_features(model_fn, images, height, width, batch_size=64, device="cpu", flip=True,
                      num_workers=0, desc=None, interpolation="bilinear", progress=True):
-    """Test features of an ImageList (docs/mult.md §9) -> float32 [N, D] on the CPU, rows in list order.
+    """Test features of an ImageList (docs/mult.md (9.1)) -> float32 [N, D] on the CPU, rows in list order.
     interpolation: of the resize to height x width ("bilinear" as MULT's code; MBMIL's resizes bicubic).
 
     model_fn(x [B, 3, H, W] on `device`, modality) -> [B, D] eval features; with `flip` the
     feature of the image and of its horizontal flip are averaged, then L2-normalised again.
     The caller puts its model in eval mode; this runs under torch.no_grad().
     """
+    from tqdm import tqdm
     from data.loader import ImageDataset
     from data.transforms import test_transform
     if len(images) == 0:
@@ -415,19 +405,9 @@ def extract_features(model_fn, images, height, width, batch_size=64, device="cpu
 
 
 def pairwise_distance(q, g):
-    """Squared Euclidean distance of unit rows, 2 - 2 q.g, in float64: q [Q, D], g [G, D] -> [Q, G]."""
-    def unit_rows(x, name):
-        x = x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, np.float64)
-        if x.ndim != 2 or x.shape[0] == 0:
-            raise ValueError(f"pairwise_distance: {name} must be a non-empty 2-D array, got {x.shape}")
-        if not np.isfinite(x).all():
-            raise ValueError(f"pairwise_distance: {name} has NaN/inf entries")
-        norms = np.linalg.norm(x, axis=1)
-        if np.abs(norms - 1).max() > 1e-3:
-            raise ValueError(f"pairwise_distance: {name} rows must be L2-normalised (norms from "
-                             f"{norms.min():.4g} to {norms.max():.4g})")
-        return x
-    q, g = unit_rows(q, "q"), unit_rows(g, "g")
+    """Squared Euclidean distance of unit rows (docs/mult.md (9.2)), 2 - 2 q.g, in float64:
+    q [Q, D], g [G, D] -> [Q, G]."""
+    q, g = _check_unit_rows(q, "q"), _check_unit_rows(g, "g")
     if q.shape[1] != g.shape[1]:
         raise ValueError(f"pairwise_distance: feature sizes differ: q {q.shape}, g {g.shape}")
     return 2.0 - 2.0 * (q @ g.T)
@@ -439,167 +419,106 @@ def pixel_model(x, modality):
     return F.normalize(F.adaptive_avg_pool2d(x, (16, 8)).flatten(1), dim=1)
 
 
-# ----------------------------------------------------------------------------- runner
-def _pool_add(pool, images, extract, desc):
-    """Pool rows [N] of `images`; only images whose path the pool has not seen are extracted."""
-    new = list({p: i for i, p in enumerate(images.paths) if p not in pool["row"]}.values())
-    if new:
-        sub, start = images.subset(new), time.perf_counter()
-        pool["row"].update({p: len(pool["row"]) + k for k, p in enumerate(sub.paths)})
-        pool["parts"].append((sub, extract(sub, desc)))
-        logger.info("features %s: %d images, %.1f s", desc, len(sub), time.perf_counter() - start)
-    return np.array([pool["row"][p] for p in images.paths], dtype=np.int64)
+def _model_output(model_fn, x, modality):
+    """model_fn(x, modality), checked: a finite [B, D] tensor, as float32."""
+    f = model_fn(x, modality)
+    if not isinstance(f, torch.Tensor) or f.dim() != 2 or f.shape[0] != x.shape[0]:
+        shape = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+        raise ValueError(f"model_fn: expected a [B, D] tensor for B = {x.shape[0]} images, got {shape}")
+    if not torch.isfinite(f).all():
+        raise ValueError(f"model_fn returned NaN/inf features (modality {modality}); check the "
+                         "checkpoint and the input normalisation")
+    return f.float()
 
 
-def _finish_pool(pool):
-    """The pool as arrays: feats float32 [M, D]; paths [M]; pids, camids, modality int64 [M]."""
-    subs, feats = zip(*pool["parts"])
-    return {"feats": torch.cat(feats).numpy(), "paths": [p for s in subs for p in s.paths],
-            "pids": np.concatenate([s.pids for s in subs]),
-            "camids": np.concatenate([s.camids for s in subs]),
-            "modality": np.concatenate([np.full(len(s), s.modality, dtype=np.int64) for s in subs])}
+def _check_unit_rows(x, name):
+    """x (tensor or array) -> float64 array [N, D] of finite, L2-normalised rows."""
+    x = x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, np.float64)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"pairwise_distance: {name} must be a non-empty 2-D array, got {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"pairwise_distance: {name} has NaN/inf entries")
+    norms = np.linalg.norm(x, axis=1)
+    if np.abs(norms - 1).max() > 1e-3:
+        raise ValueError(f"pairwise_distance: {name} rows must be L2-normalised (norms from "
+                         f"{norms.min():.4g} to {norms.max():.4g})")
+    return x
 
 
-def _extractor(model_fn, height, width, batch_size, device, num_workers, interpolation):
-    return lambda images, desc: extract_features(model_fn, images, height, width, batch_size,
-                                                 device, True, num_workers, desc, interpolation)
-
-
+# ----------------------------------------------------------------------------- protocols
+# Each protocol reads the query and gallery of every (setting, trial) with the dataset's reader, extracts
+# the test images once (extracted: feats [M, D]; paths, pids, camids, modality [M]), finds each trial's
+# query and gallery rows among them (a run: setting, trial, rows [Q], rows [G]), then `_evaluate_runs`:
+# per run the distances [Q, G], the protocol's metric, one row of results.
 def evaluate_sysu(model_fn, root, modes=("all", "indoor"), trials=range(10), shot="single",
                   height=288, width=144, device="cpu", batch_size=64, num_workers=0,
                   save_features=None, save_ranklist=0, ranklist_dir=None, rerank=None,
                   ranklist_images=0, interpolation="bilinear"):
     """SYSU-MM01 protocol (docs/mult.md §9) -> {mode: {"protocol", "shot", "rerank", "trials": [{"trial",
     "R1", ..., "mINP", "num_query", "num_gallery", "num_valid"}], "mean": {...}, "std": {...}}},
-    metrics in percent. Each image is extracted once: the query once, the gallery candidates of
-    each mode once (indoor's are a subset of all's); each trial picks its gallery by path.
+    metrics in percent. The query (every IR test image, the same in each mode and trial) and the gallery
+    candidates (all-search's; indoor-search's cameras 1, 2 are among them) are extracted once; each
+    trial's gallery, one draw from the candidates, is indexed into them.
     rerank: None, or the keyword arguments of `re_ranking` (e.g. {}) to re-rank every distance.
+    save_features: an .npz of the features and of each trial's rows, for `evaluate_from_features`.
     save_ranklist K > 0: each setting's first trial as a text rank list in ranklist_dir, and with
-    ranklist_images M > 0 as M pictures plus an index page (`write_ranklist_images`)."""
+    ranklist_images M > 0 as M pictures plus an index page (reports.write_ranklist_images)."""
     from data.sysu import sysu_gallery_candidates, sysu_test
-    modes, trials = list(modes), [int(t) for t in trials]
-    if not modes or not set(modes) <= {"all", "indoor"} or not trials:
-        raise ValueError(f"evaluate_sysu: modes must be a non-empty subset of ('all', 'indoor') "
-                         f"and trials non-empty, got modes={modes}, trials={trials}")
-    extract = _extractor(model_fn, height, width, batch_size, device, num_workers, interpolation)
-    pool, plan = {"row": {}, "parts": []}, []
-    for mode in modes:
-        candidates = sysu_gallery_candidates(root, mode)
-        cand_row = dict(zip(candidates.paths, _pool_add(pool, candidates, extract, f"{mode} gallery")))
-        for trial in trials:
-            query, gallery = sysu_test(root, mode=mode, trial=trial, shot=shot)
-            q_rows = _pool_add(pool, query, extract, "query")
-            missing = [p for p in gallery.paths if p not in cand_row]
-            if missing:
-                raise ValueError(f"sysu_test(mode={mode!r}, trial={trial}): gallery image {missing[0]} "
-                                 f"(and {len(missing) - 1} more) not in sysu_gallery_candidates")
-            plan.append((mode, trial, q_rows, np.array([cand_row[p] for p in gallery.paths])))
-    info = {"protocol": "sysu", "shot": shot}
-    return _run_plan(_finish_pool(pool), plan, info, save_features, save_ranklist, ranklist_dir,
-                     rerank, ranklist_images)
+    modes, trials = _check_settings("evaluate_sysu", "modes", modes, ("all", "indoor"), trials)
+    tests = {(mode, trial): sysu_test(root, mode, trial, shot) for mode in modes for trial in trials}
+    widest = "all" if "all" in modes else "indoor"               # indoor's cameras 1, 2 are among all's
+    sides = [(sysu_gallery_candidates(root, widest), f"{widest} gallery"), (tests[modes[0], trials[0]][0], "query")]
+    extracted = _extract(model_fn, sides, height, width, batch_size, device, num_workers, interpolation)
+    return _evaluate_runs(extracted, _runs(tests, extracted), {"protocol": "sysu", "shot": shot},
+                          save_features, save_ranklist, ranklist_dir, rerank, ranklist_images)
 
 
 def evaluate_regdb(model_fn, root, trial, directions=("v2t", "t2v"), height=288, width=144,
                    device="cpu", batch_size=64, num_workers=0, save_features=None,
                    save_ranklist=0, ranklist_dir=None, rerank=None, ranklist_images=0, interpolation="bilinear"):
     """RegDB protocol on split `trial` (1..10; docs/mult.md §9) -> results as `evaluate_sysu`. The model
-    must have been trained on the same split; combine 10 runs with `mean_over_trials`."""
+    must have been trained on the same split; combine 10 runs with `mean_over_trials`. Both directions
+    use the split's test visible and thermal images, each extracted once."""
     from data.regdb import regdb_test
-    directions = list(directions)
-    if not directions or not set(directions) <= {"v2t", "t2v"}:
-        raise ValueError(f"evaluate_regdb: directions must be a non-empty subset of ('v2t', "
-                         f"'t2v'), got {directions}")
-    extract = _extractor(model_fn, height, width, batch_size, device, num_workers, interpolation)
-    pool, plan = {"row": {}, "parts": []}, []
-    for direction in directions:
-        query, gallery = regdb_test(root, trial, direction=direction)
-        q_rows = _pool_add(pool, query, extract, f"{direction} query")
-        plan.append((direction, int(trial), q_rows, _pool_add(pool, gallery, extract, f"{direction} gallery")))
-    info = {"protocol": "regdb"}
-    return _run_plan(_finish_pool(pool), plan, info, save_features, save_ranklist, ranklist_dir,
-                     rerank, ranklist_images)
+    directions, _ = _check_settings("evaluate_regdb", "directions", directions, ("v2t", "t2v"))
+    tests = {(direction, int(trial)): regdb_test(root, trial, direction) for direction in directions}
+    query, gallery = tests[directions[0], int(trial)]            # the other direction: the two swapped
+    sides = [(query, f"{directions[0]} query"), (gallery, f"{directions[0]} gallery")]
+    extracted = _extract(model_fn, sides, height, width, batch_size, device, num_workers, interpolation)
+    return _evaluate_runs(extracted, _runs(tests, extracted), {"protocol": "regdb"},
+                          save_features, save_ranklist, ranklist_dir, rerank, ranklist_images)
 
 
 def evaluate_llcm(model_fn, root, directions=("i2v", "v2i"), trials=range(10), height=288, width=144,
                   device="cpu", batch_size=64, num_workers=0, save_features=None, save_ranklist=0,
                   ranklist_dir=None, rerank=None, ranklist_images=0, interpolation="bilinear"):
-    """LLCM protocol (Zhang & Wang, CVPR 2023; data/llcm.py) -> results as `evaluate_sysu`, one
-    setting per direction: "i2v" (infrared queries, the official default), "v2i" (visible queries),
-    and on request "v2i_transposed" (the official code's visible-to-infrared mode, where the sampled
-    infrared images rank every visible image). Each test image is extracted once; each trial picks
-    the sampled side (one image per identity and camera, seed `trial`) by path."""
+    """LLCM protocol (docs/llcm.md §3-§4; data/llcm.py) -> results as `evaluate_sysu`, one setting per
+    direction: "i2v" (infrared queries, the official default), "v2i" (visible queries), and on request
+    "v2i_transposed" (the official code's visible-to-infrared mode, where the sampled infrared images
+    rank every visible image). Every visible and every infrared test image is extracted once; each
+    trial's sampled side (one image per identity and camera, seed `trial`) is indexed into them."""
     from data.llcm import DIRECTIONS, llcm_gallery_candidates, llcm_test
-    directions, trials = list(directions), [int(t) for t in trials]
-    if not directions or not set(directions) <= set(DIRECTIONS) or not trials:
-        raise ValueError(f"evaluate_llcm: directions must be a non-empty subset of {DIRECTIONS} and "
-                         f"trials non-empty, got directions={directions}, trials={trials}")
-    extract = _extractor(model_fn, height, width, batch_size, device, num_workers, interpolation)
-    pool, plan = {"row": {}, "parts": []}, []
-    for direction in directions:
-        _pool_add(pool, llcm_gallery_candidates(root, direction), extract, f"{direction} sampled side")
-        for trial in trials:
-            query, gallery = llcm_test(root, direction, trial)
-            plan.append((direction, trial, _pool_add(pool, query, extract, f"{direction} query"),
-                         _pool_add(pool, gallery, extract, f"{direction} gallery")))
-    return _run_plan(_finish_pool(pool), plan, {"protocol": "llcm"}, save_features, save_ranklist,
-                     ranklist_dir, rerank, ranklist_images)
+    directions, trials = _check_settings("evaluate_llcm", "directions", directions, DIRECTIONS, trials)
+    tests = {(d, trial): llcm_test(root, d, trial) for d in directions for trial in trials}
+    sides = [(llcm_gallery_candidates(root, "i2v"), "visible"),   # every visible test image
+             (llcm_gallery_candidates(root, "v2i"), "infrared")]  # every infrared test image
+    extracted = _extract(model_fn, sides, height, width, batch_size, device, num_workers, interpolation)
+    return _evaluate_runs(extracted, _runs(tests, extracted), {"protocol": "llcm"},
+                          save_features, save_ranklist, ranklist_dir, rerank, ranklist_images)
 
 
-def _summarise(settings):
-    for entry in settings.values():
-        table = np.array([[row[m] for m in METRICS] for row in entry["trials"]])
-        entry["mean"] = dict(zip(METRICS, table.mean(0).tolist()))
-        entry["std"] = dict(zip(METRICS, table.std(0).tolist()))
-
-
-def _protocol_metrics(protocol, distmat, q_pids, g_pids, q_cams, g_cams):
-    if protocol == "regdb":
-        return eval_regdb(distmat, q_pids, g_pids, return_valid=True)
-    metric = eval_llcm if protocol == "llcm" else eval_sysu
-    return metric(distmat, q_pids, g_pids, q_cams, g_cams, return_valid=True)
-
-
-def _run_plan(pool, plan, info, save_features=None, save_ranklist=0, ranklist_dir=None, rerank=None,
-              ranklist_images=0):
-    """Metrics of each (setting, trial, query rows, gallery rows) of `plan` over the feature pool."""
-    if save_ranklist and ranklist_dir is None:
-        raise ValueError("save_ranklist > 0 needs ranklist_dir (the folder for the rank lists)")
-    if ranklist_images and not save_ranklist:
-        raise ValueError("ranklist_images > 0 needs save_ranklist K > 0 (the gallery images per row)")
-    if save_features:
-        _save_pool(save_features, pool, plan, info)
-    if rerank is not None:
-        rerank = {"k1": 20, "k2": 6, "lambda_value": 0.3, **rerank}
-    settings, protocol, pages, qq = {}, info["protocol"], [], (None, None)
-    feats = pool["feats"]
-    for setting, trial, q, g in plan:
-        distmat = pairwise_distance(feats[q], feats[g])             # [Q, G]
-        if rerank is not None:
-            if qq[0] is None or not np.array_equal(qq[0], q):       # the query is shared by trials
-                qq = (q, pairwise_distance(feats[q], feats[q]))
-            distmat = re_ranking(distmat, qq[1], pairwise_distance(feats[g], feats[g]), **rerank)
-        q_pids, g_pids, q_cams, g_cams = pool["pids"][q], pool["pids"][g], pool["camids"][q], pool["camids"][g]
-        cmc, m_ap, m_inp, n_valid = _protocol_metrics(protocol, distmat, q_pids, g_pids, q_cams, g_cams)
-        entry = settings.setdefault(setting, {**info, "rerank": rerank, "trials": []})
-        if save_ranklist and not entry["trials"]:
-            name = os.path.join(ranklist_dir, f"ranklist_{setting}_trial{trial}")
-            q_paths, g_paths = [pool["paths"][i] for i in q], [pool["paths"][i] for i in g]
-            write_ranklist(name + ".txt", distmat, q_paths, g_paths, q_pids, g_pids, save_ranklist,
-                           q_cams, g_cams, protocol)
-            if ranklist_images:
-                title = f"{_label(setting, entry)}, trial {trial}"
-                pages.append((title, write_ranklist_images(
-                    name, distmat, q_paths, g_paths, q_pids, g_pids, save_ranklist, ranklist_images,
-                    q_cams, g_cams, protocol, title=title)))
-        scores = 100 * np.r_[cmc[[0, 4, 9, 19]], m_ap, m_inp]
-        entry["trials"].append({"trial": trial, **dict(zip(METRICS, scores.tolist())),
-                                "num_query": len(q), "num_gallery": len(g), "num_valid": n_valid})
-    if pages:
-        _write_index(os.path.join(ranklist_dir, "index.html"), "rank lists",
-                     [(f'<a href="{html.escape(os.path.relpath(p, ranklist_dir))}">{html.escape(t)}</a>',)
-                      for t, p in pages])
-    _summarise(settings)
-    return settings
+def evaluate_from_features(path, settings=None, trials=None, save_ranklist=0, ranklist_dir=None,
+                           rerank=None, ranklist_images=0):
+    """Re-run the metrics from a `save_features` file, without a model; `settings` / `trials`
+    select among the saved ones (default: all). Returns the same results as the original run
+    (re-ranked with `rerank`, as in the protocols)."""
+    extracted, runs, info = _load_features(path)
+    chosen = [r for r in runs if (settings is None or r[0] in settings)
+              and (trials is None or r[1] in set(trials))]
+    if not chosen:
+        raise ValueError(f"{path}: no saved evaluation matches settings={settings}, trials="
+                         f"{None if trials is None else list(trials)}; saved: {[r[:2] for r in runs]}")
+    return _evaluate_runs(extracted, chosen, info, None, save_ranklist, ranklist_dir, rerank, ranklist_images)
 
 
 def mean_over_trials(results_list):
@@ -617,36 +536,98 @@ def mean_over_trials(results_list):
     return settings
 
 
-def _save_pool(path, pool, plan, info):
-    """One .npz: every extracted row (feats, paths, pids, camids, modality; for SYSU the query and
-    the gallery candidates) and each (setting, trial)'s query / gallery rows q{i} / g{i}."""
+def _extract(model_fn, sides, height, width, batch_size, device, num_workers, interpolation):
+    """Flip-averaged features of the test images, one side [(ImageList, description)] after the other ->
+    extracted = {"feats": float32 [M, D], "paths": [M], "pids", "camids", "modality": int64 [M]}."""
+    feats = []
+    for images, desc in sides:
+        start = time.perf_counter()
+        feats.append(extract_features(model_fn, images, height, width, batch_size, device, True,
+                                      num_workers, desc, interpolation))
+        logger.info("features %s: %d images, %.1f s", desc, len(images), time.perf_counter() - start)
+    lists = [images for images, _ in sides]
+    return {"feats": torch.cat(feats).numpy(), "paths": [p for images in lists for p in images.paths],
+            "pids": np.concatenate([images.pids for images in lists]),
+            "camids": np.concatenate([images.camids for images in lists]),
+            "modality": np.concatenate([np.full(len(x), x.modality, dtype=np.int64) for x in lists])}
+
+
+def _runs(tests, extracted):
+    """{(setting, trial): (query, gallery) ImageLists} -> runs [(setting, trial, query rows int64 [Q],
+    gallery rows [G])]: where each trial's images sit among the extracted ones, found by path."""
+    row = {p: i for i, p in enumerate(extracted["paths"])}
+    missing = [p for query, gallery in tests.values() for p in query.paths + gallery.paths if p not in row]
+    if missing:
+        raise ValueError(f"{len(missing)} test images (e.g. {missing[0]}) are not among the extracted "
+                         "ones; did the dataset change during the evaluation?")
+    rows = lambda images: np.array([row[p] for p in images.paths], dtype=np.int64)   # noqa: E731
+    return [(setting, trial, rows(query), rows(gallery))
+            for (setting, trial), (query, gallery) in tests.items()]
+
+
+def _evaluate_runs(extracted, runs, info, save_features=None, save_ranklist=0, ranklist_dir=None,
+                   rerank=None, ranklist_images=0):
+    """Results (as `evaluate_sysu`) of the runs [(setting, trial, query rows [Q], gallery rows [G])] of the
+    extracted features: per run the distances [Q, G] (re-ranked on request) and the protocol's metric."""
+    _check_outputs(save_ranklist, ranklist_dir, ranklist_images)
+    if save_features:
+        _save_features(save_features, extracted, runs, info)
+    if rerank is not None:
+        rerank = {"k1": 20, "k2": 6, "lambda_value": 0.3, **rerank}
+    protocol = info["protocol"]
+    feats, pids, camids = extracted["feats"], extracted["pids"], extracted["camids"]
+    results, pages, q_q = {}, [], None
+    for setting, trial, q, g in runs:
+        distmat = pairwise_distance(feats[q], feats[g])             # [Q, G]
+        if rerank is not None:
+            if q_q is None or not np.array_equal(q_q[0], q):        # trials share their query: once
+                q_q = (q, pairwise_distance(feats[q], feats[q]))
+            distmat = re_ranking(distmat, q_q[1], pairwise_distance(feats[g], feats[g]), **rerank)
+        if protocol == "regdb":
+            cmc, m_ap, m_inp, n_valid = eval_regdb(distmat, pids[q], pids[g], return_valid=True)
+        else:
+            metric = eval_llcm if protocol == "llcm" else eval_sysu
+            cmc, m_ap, m_inp, n_valid = metric(distmat, pids[q], pids[g], camids[q], camids[g],
+                                               return_valid=True)
+        entry = results.setdefault(setting, {**info, "rerank": rerank, "trials": []})
+        if save_ranklist and not entry["trials"]:                   # each setting's first trial
+            from reports import write_trial_ranklists
+            pages += write_trial_ranklists(ranklist_dir, setting, trial, entry, distmat, extracted, q, g,
+                                           save_ranklist, ranklist_images)
+        scores = 100 * np.r_[cmc[[0, 4, 9, 19]], m_ap, m_inp]
+        entry["trials"].append({"trial": trial, **dict(zip(METRICS, scores.tolist())),
+                                "num_query": len(q), "num_gallery": len(g), "num_valid": n_valid})
+    if pages:
+        from reports import write_ranklist_index
+        write_ranklist_index(ranklist_dir, pages)
+    _summarise(results)
+    return results
+
+
+def _summarise(settings):
+    """Adds each setting's "mean" and "std" (ddof 0) over its trials, for every METRICS."""
+    for entry in settings.values():
+        table = np.array([[row[m] for m in METRICS] for row in entry["trials"]])
+        entry["mean"] = dict(zip(METRICS, table.mean(0).tolist()))
+        entry["std"] = dict(zip(METRICS, table.std(0).tolist()))
+
+
+def _save_features(path, extracted, runs, info):
+    """One .npz: every extracted row (feats, paths, pids, camids, modality), the protocol (info), the
+    (setting, trial) of each run (plan) and its query / gallery rows q{i} / g{i}."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    arrays = {"feats": pool["feats"], "paths": np.array(pool["paths"], dtype=str),
-              "pids": pool["pids"], "camids": pool["camids"], "modality": pool["modality"],
-              "info": np.array(json.dumps(info)), "plan": np.array(json.dumps([p[:2] for p in plan]))}
-    for i, (_, _, q, g) in enumerate(plan):
+    arrays = {"feats": extracted["feats"], "paths": np.array(extracted["paths"], dtype=str),
+              "pids": extracted["pids"], "camids": extracted["camids"], "modality": extracted["modality"],
+              "info": np.array(json.dumps(info)), "plan": np.array(json.dumps([r[:2] for r in runs]))}
+    for i, (_, _, q, g) in enumerate(runs):
         arrays[f"q{i}"], arrays[f"g{i}"] = q, g
     with open(path + ".tmp", "wb") as f:
         np.savez(f, **arrays)
     os.replace(path + ".tmp", path)
 
 
-def evaluate_from_features(path, settings=None, trials=None, save_ranklist=0, ranklist_dir=None,
-                           rerank=None, ranklist_images=0):
-    """Re-run the metrics from a `save_features` file, without a model; `settings` / `trials`
-    select among the saved ones (default: all). Returns the same results as the original run
-    (re-ranked with `rerank`, as in the runners)."""
-    pool, plan, info = _load_pool(path)
-    chosen = [p for p in plan if (settings is None or p[0] in settings)
-              and (trials is None or p[1] in set(trials))]
-    if not chosen:
-        raise ValueError(f"{path}: no saved evaluation matches settings={settings}, trials="
-                         f"{None if trials is None else list(trials)}; saved: {[p[:2] for p in plan]}")
-    return _run_plan(pool, chosen, info, None, save_ranklist, ranklist_dir, rerank, ranklist_images)
-
-
-def _load_pool(path):
-    """(pool, plan, info) of a --save-features file; ValueError naming the file for anything else."""
+def _load_features(path):
+    """(extracted, runs, info) of a --save-features file; ValueError naming the file for anything else."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--from-features: file not found: {path}")
     expected = "an .npz written by evaluate.py --save-features"
@@ -655,16 +636,17 @@ def _load_pool(path):
             missing = {"feats", "paths", "pids", "camids", "modality", "info", "plan"} - set(z.files)
             if missing:
                 raise ValueError(f"missing arrays {sorted(missing)}")
-            pool = {k: z[k] for k in ("feats", "pids", "camids", "modality")}
-            pool["paths"] = z["paths"].tolist()
+            extracted = {k: z[k] for k in ("feats", "pids", "camids", "modality")}
+            extracted["paths"] = z["paths"].tolist()
             info = json.loads(str(z["info"]))
-            plan = [(s, t, z[f"q{i}"], z[f"g{i}"]) for i, (s, t) in enumerate(json.loads(str(z["plan"])))]
-        m = len(pool["feats"])
-        if pool["feats"].ndim != 2 or any(len(pool[k]) != m for k in ("pids", "camids", "modality", "paths")):
+            runs = [(s, t, z[f"q{i}"], z[f"g{i}"]) for i, (s, t) in enumerate(json.loads(str(z["plan"])))]
+        m = len(extracted["feats"])
+        if extracted["feats"].ndim != 2 or any(len(v) != m for v in extracted.values()):
             raise ValueError("feats, paths, pids, camids and modality do not have one row each")
-        for _, _, q, g in plan:
+        for _, _, q, g in runs:
+            rows = np.concatenate([q.ravel(), g.ravel()])
             if not (np.issubdtype(q.dtype, np.integer) and np.issubdtype(g.dtype, np.integer)) \
-                    or min(q.min(initial=0), g.min(initial=0)) < 0 or max(q.max(initial=0), g.max(initial=0)) >= m:
+                    or rows.min(initial=0) < 0 or rows.max(initial=0) >= m:
                 raise ValueError("a query or gallery index lies outside the saved rows")
         if info.get("protocol") not in ("sysu", "regdb", "llcm"):
             raise ValueError(f"unknown protocol {info.get('protocol')!r}")
@@ -673,257 +655,31 @@ def _load_pool(path):
     except (OSError, EOFError, KeyError, IndexError, TypeError, AttributeError, zipfile.BadZipFile) as err:
         raise ValueError(f"--from-features {path}: not {expected} (unreadable: "
                          f"{type(err).__name__})") from None
-    return pool, plan, info
+    return extracted, runs, info
 
 
-# ----------------------------------------------------------------------------- reports
-def _ranked(distmat, k, q_pids, g_pids, q_camids, g_camids, protocol):
-    """Top-k gallery columns per query after the protocol's exclusion -> (order [Q, <= k], n_kept [Q])."""
-    order = np.argsort(distmat, axis=1)                             # [Q, G], as the metrics
-    drop = np.zeros(order.shape, dtype=bool)
-    if q_camids is not None:
-        drop = np.take_along_axis(_exclusion(protocol, np.asarray(q_pids), np.asarray(g_pids),
-                                             np.asarray(q_camids), np.asarray(g_camids))(slice(None)),
-                                  order, axis=1)
-    order = np.take_along_axis(order, np.argsort(drop, axis=1, kind="stable"), axis=1)[:, :k]
-    return order, np.minimum((~drop).sum(1), k)
+def _check_settings(caller, name, chosen, allowed, trials=None):
+    """-> (chosen as a list, trials as ints; None when not given)."""
+    chosen, trials = list(chosen), None if trials is None else [int(t) for t in trials]
+    if not chosen or not set(chosen) <= set(allowed) or trials == []:
+        and_trials, got_trials = ("", "") if trials is None else (" and trials non-empty", f", trials={trials}")
+        raise ValueError(f"{caller}: {name} must be a non-empty subset of {tuple(allowed)}{and_trials}, "
+                         f"got {name}={chosen}{got_trials}")
+    return chosen, trials
 
 
-def write_ranklist(path, distmat, q_paths, g_paths, q_pids, g_pids, k, q_camids=None, g_camids=None,
-                   protocol="sysu"):
-    """One line per query: its path, then its top-k gallery paths, each prefixed + (correct
-    identity) or - (wrong), tab-separated. With camids the protocol's exclusion applies (SYSU: cam-3
-    queries skip cam-2 images; LLCM: a query skips its own identity in its own camera)."""
-    if np.shape(distmat) != (len(q_paths), len(g_paths)):
-        raise ValueError(f"write_ranklist: distmat {np.shape(distmat)} does not match "
-                         f"{len(q_paths)} query and {len(g_paths)} gallery paths")
-    order, n_kept = _ranked(distmat, k, q_pids, g_pids, q_camids, g_camids, protocol)
-    correct = np.asarray(g_pids)[order] == np.asarray(q_pids)[:, None]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        for i, q_path in enumerate(q_paths):
-            marks = ("+" if c else "-" for c in correct[i, :n_kept[i]])
-            f.write("\t".join([q_path] + [m + g_paths[j] for m, j in zip(marks, order[i])]) + "\n")
-
-
-TILE_H, TILE_W, PAD = 128, 64, 6   # rank-list pictures: each image shown at 128 x 64 px
-
-
-def write_ranklist_images(folder, distmat, q_paths, g_paths, q_pids, g_pids, k, num_queries,
-                          q_camids=None, g_camids=None, protocol="sysu", title=""):
-    """Rank-list pictures: for `num_queries` queries spread evenly over the list, one PNG each with
-    the query and its top-k gallery images (after the protocol's exclusion, as `write_ranklist`),
-    framed green (same identity) or red (another), with rank, distance and identity printed under
-    each; and folder/index.html showing them all. Pillow only. Returns the index page's path."""
-    from PIL import Image, ImageDraw
-    from data.common import read_image
-    if np.shape(distmat) != (len(q_paths), len(g_paths)) or k < 1 or num_queries < 1:
-        raise ValueError(f"write_ranklist_images: distmat {np.shape(distmat)} must match {len(q_paths)} "
-                         f"queries and {len(g_paths)} gallery paths, k ({k}) and num_queries "
-                         f"({num_queries}) must be >= 1")
-    order, n_kept = _ranked(distmat, k, q_pids, g_pids, q_camids, g_camids, protocol)
-    q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
-    chosen = np.unique(np.linspace(0, len(q_paths) - 1, min(num_queries, len(q_paths))).round().astype(int))
-    cam = lambda camids, i: "" if camids is None else f" cam {camids[i]}"   # noqa: E731
-    os.makedirs(folder, exist_ok=True)
-    rows = []
-    for i in chosen:
-        ranks = order[i, :n_kept[i]]
-        canvas = Image.new("RGB", (PAD + (len(ranks) + 1) * (TILE_W + 2 * PAD) + PAD,
-                                   18 + TILE_H + 2 * PAD + 30), "white")
-        draw = ImageDraw.Draw(canvas)
-        where = "/".join(os.path.normpath(q_paths[i]).split(os.sep)[-4:])
-        draw.text((PAD, 3), f"{title}  query {i}: {where}"[:160], fill="black")
-        tiles = [(q_paths[i], (90, 90, 90), ["query", f"id {q_pids[i]}" + cam(q_camids, i)])]
-        tiles += [(g_paths[j], (0, 170, 0) if g_pids[j] == q_pids[i] else (210, 0, 0),
-                   [f"{r + 1}: {distmat[i, j]:.3f}", f"id {g_pids[j]}" + cam(g_camids, j)])
-                  for r, j in enumerate(ranks)]
-        for t, (path, colour, text) in enumerate(tiles):
-            x = PAD + t * (TILE_W + 2 * PAD) + (PAD if t else 0)
-            draw.rectangle([x - 3, 18 + PAD - 3, x + TILE_W + 2, 18 + PAD + TILE_H + 2], fill=colour)
-            canvas.paste(read_image(path).resize((TILE_W, TILE_H)), (x, 18 + PAD))
-            for line, words in enumerate(text):
-                draw.text((x, 18 + TILE_H + 2 * PAD + line * 12), words, fill=colour if t else "black")
-        name = f"query{i:05d}.png"
-        canvas.save(os.path.join(folder, name))
-        hit = bool(len(ranks)) and bool(g_pids[ranks[0]] == q_pids[i])
-        rows.append((str(i), html.escape(q_paths[i]), str(q_pids[i]), "yes" if hit else "no",
-                     f'<img src="{name}" alt="query {i}">'))
-    index = os.path.join(folder, "index.html")
-    _write_index(index, title or "rank list", rows, ("query", "path", "id", "rank-1 correct", f"top {k}"))
-    return index
-
-
-def _write_index(path, title, rows, head=()):
-    """A minimal HTML page: a title and one table (cells already escaped)."""
-    cells = lambda tag, row: "<tr>" + "".join(f"<{tag}>{c}</{tag}>" for c in row) + "</tr>"   # noqa: E731
-    body = "\n".join([cells("th", head)] * bool(head) + [cells("td", r) for r in rows])
-    with open(path, "w") as f:
-        f.write(f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-                f"</head>\n<body><h1>{html.escape(title)}</h1>\n<table border='1' cellpadding='4'>\n"
-                f"{body}\n</table></body></html>\n")
-
-
-def _label(name, entry):
-    return LABELS.get(name, name) + (" (re-ranked)" if entry.get("rerank") else "")
-
-
-def _rerank_note(results):
-    params = next((e["rerank"] for e in results.values() if e.get("rerank")), None)
-    if not params:
-        return []
-    return [f"note: re-ranked: k-reciprocal re-ranking (Zhong et al., CVPR 2017), k1 {params['k1']}, "
-            f"k2 {params['k2']}, lambda {params['lambda_value']}; papers in this field report without it"]
-
-
-def format_table(results):
-    """The results as a table: one row per (setting, trial), a mean row per setting, notes."""
-    width = max([24] + [len(_label(n, e)) + 1 for n, e in results.items()])
-    head = f"{'setting':<{width}}{'trial':>9}" + "".join(f"{m:>8}" for m in METRICS)
-    lines, notes = [head, "-" * len(head)], _rerank_note(results)
-    for name, entry in results.items():
-        label = _label(name, entry)
-        for row in entry["trials"]:
-            lines.append(f"{label:<{width}}{row['trial']:>9}" + "".join(f"{row[m]:8.2f}" for m in METRICS))
-        skipped = [f"{r['num_query'] - r['num_valid']}/{r['num_query']} (trial {r['trial']})"
-                   for r in entry["trials"] if r["num_valid"] < r["num_query"]]
-        if skipped:
-            notes.append(f"note: {label}: queries with no match in the gallery, left out of the "
-                         f"averages as officially: {', '.join(skipped)}")
-        if len(entry["trials"]) > 1:
-            tag = f"mean({len(entry['trials'])})"
-            lines.append(f"{label:<{width}}{tag:>9}" + "".join(f"{entry['mean'][m]:8.2f}" for m in METRICS))
-    return "\n".join(lines + notes)
-
-
-SUMMARY_METRICS = ("R1", "mAP", "mINP")
-
-
-def format_summary(final, untrained=None):
-    """The end-of-run table: one line per setting with the final model's trial means of R1, mAP
-    and mINP; with `untrained` (results of the model before training), its means beside and the
-    relative change in percent, 100 (final - untrained) / untrained."""
-    width = max([24] + [len(_label(n, e)) + 1 for n, e in final.items()])
-    cols = "".join(f"{m:>8}" for m in SUMMARY_METRICS)
-    head = f"{'setting':<{width}}{cols}"
-    if untrained is not None:
-        head += "  | untrained" + cols + "  | change" + "".join(f"{m:>9}" for m in SUMMARY_METRICS)
-    lines = [head, "-" * len(head)]
-    for name, entry in final.items():
-        have = [entry["mean"][m] for m in SUMMARY_METRICS]
-        line = f"{_label(name, entry):<{width}}" + "".join(f"{v:8.2f}" for v in have)
-        if untrained is not None and name in untrained:
-            before = [untrained[name]["mean"][m] for m in SUMMARY_METRICS]
-            change = [f"{100 * (a - b) / b:+8.1f}%" if b else f"{'n/a':>9}" for a, b in zip(have, before)]
-            line += "  |" + " " * 9 + "".join(f"{v:8.2f}" for v in before) + "  |" + " " * 7 + "".join(change)
-        lines.append(line)
-    return "\n".join(lines + _rerank_note(final))
-
-
-_RUN_ARGS_IGNORED = {"seed", "trial", "out", "resume", "device", "workers", "threads", "data_root",
-                     "eval_every", "extract_batch", "amp"}
-
-
-def summarize_runs(folders):
-    """The table across training runs -> (text, summary): RegDB one row per split, otherwise one per
-    run (seed), each with every setting's trial-mean R1, mAP and mINP, then mean ± std over the runs
-    (std with ddof 0, as over gallery trials).
-
-    Each folder holds train.py's results.json ({"final": results, "untrained": ...}) and args.json;
-    evaluate.py's results.json ({"results": ..., "args": ...}) is read too.
-    summary = {"dataset", "method", "runs": [{"folder", "seed", "trial", "results": {setting: means
-    of all METRICS}}], "mean": {setting: {metric}}, "std": {...}}. Refused with one sentence: a
-    folder without results.json, runs of different datasets or methods, the same RegDB split twice,
-    runs with different settings.
-    """
-    folders = list(folders)
-    if not folders:
-        raise ValueError("--summarize: give at least one run folder")
-    runs = [_read_run(f) for f in folders]
-    for key in ("dataset", "method"):
-        values = sorted({str(r["args"].get(key)) for r in runs})
-        if len(values) > 1:
-            raise ValueError(f"--summarize: the runs are of different {key}s ({', '.join(values)}: "
-                             + ", ".join(f"{r['folder']} {r['args'].get(key)}" for r in runs)
-                             + f"); summarise one {key} at a time")
-    dataset, method = runs[0]["args"].get("dataset"), runs[0]["args"].get("method")
-    if dataset == "regdb":
-        seen = {}
-        for r in runs:
-            if r["trial"] in seen:
-                raise ValueError(f"--summarize: RegDB split {r['trial']} appears twice ({seen[r['trial']]} "
-                                 f"and {r['folder']}); give one run per split")
-            seen[r["trial"]] = r["folder"]
-        runs.sort(key=lambda r: r["trial"])
-    names = list(runs[0]["results"])
-    for r in runs[1:]:
-        if list(r["results"]) != names:
-            raise ValueError(f"--summarize: {r['folder']} has the settings {list(r['results'])}, "
-                             f"{runs[0]['folder']} has {names}; summarise runs evaluated alike")
-    table = {n: np.array([[r["results"][n]["mean"][m] for m in METRICS] for r in runs]) for n in names}
-    summary = {"dataset": dataset, "method": method,
-               "runs": [{"folder": r["folder"], "seed": r["args"].get("seed"), "trial": r["trial"],
-                         "results": {n: dict(r["results"][n]["mean"]) for n in names}} for r in runs],
-               "mean": {n: dict(zip(METRICS, t.mean(0).tolist())) for n, t in table.items()},
-               "std": {n: dict(zip(METRICS, t.std(0).tolist())) for n, t in table.items()}}
-    return _format_runs(summary, runs, {n: _label(n, runs[0]["results"][n]) for n in names}), summary
-
-
-def _read_run(folder):
-    path = os.path.join(folder, "results.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--summarize: {folder} has no results.json (train.py writes it when a "
-                                f"run finishes; is the run complete, and is this its run folder?)")
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-        results = saved["final"] if "final" in saved else saved["results"]
-        args = saved.get("args")
-        if os.path.isfile(os.path.join(folder, "args.json")):
-            with open(os.path.join(folder, "args.json")) as f:
-                args = json.load(f)
-        if not isinstance(args, dict) or not results or not all("mean" in e for e in results.values()):
-            raise ValueError
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise ValueError(f"--summarize: {path} (with {folder}/args.json) is not the output of a train.py or "
-                         f"evaluate.py run") from None
-    trial = args.get("trial")
-    if args.get("dataset") == "regdb" and not isinstance(trial, int):
-        raise ValueError(f"--summarize: {folder} is a RegDB run without a split number (args 'trial')")
-    return {"folder": folder, "args": args, "trial": trial, "results": results}
-
-
-def _format_runs(summary, runs, labels):
-    """The text of `summarize_runs`: per setting R1 / mAP / mINP columns, a row per run, mean ± std."""
-    col, names = 13, list(labels)
-    regdb = summary["dataset"] == "regdb"
-    tag = lambda r: f"split {r['trial']}" if regdb else f"seed {r['args'].get('seed')}"  # noqa: E731
-    width = max([16] + [len(f"{tag(r)}  {r['folder']}") + 2 for r in runs])
-    lines = [f"{len(runs)} runs of {summary['method']} on {summary['dataset']}",
-             " " * width + "".join(f"{labels[n][:3 * col - 2]:^{3 * col}}" for n in names),
-             f"{'run':<{width}}" + "".join(f"{m:>{col}}" for _ in names for m in SUMMARY_METRICS)]
-    lines.append("-" * len(lines[-1]))
-    for r, row in zip(runs, summary["runs"]):
-        lines.append(f"{tag(r) + '  ' + r['folder']:<{width}}"
-                     + "".join(f"{row['results'][n][m]:{col}.2f}" for n in names for m in SUMMARY_METRICS))
-    lines.append(f"{f'mean ± std ({len(runs)})':<{width}}" + "".join(
-        f"{summary['mean'][n][m]:.2f}±{summary['std'][n][m]:.2f}".rjust(col)
-        for n in names for m in SUMMARY_METRICS))
-    differ = sorted(k for k in set().union(*(r["args"] for r in runs)) - _RUN_ARGS_IGNORED
-                    if len({json.dumps(r["args"].get(k), sort_keys=True) for r in runs}) > 1)
-    if differ:
-        lines.append("note: the runs also differ in " + ", ".join(
-            f"{k} ({', '.join(sorted({str(r['args'].get(k)) for r in runs}))})" for k in differ))
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def write_json(results, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
+def _check_outputs(save_ranklist, ranklist_dir, ranklist_images):
+    if save_ranklist and ranklist_dir is None:
+        raise ValueError("save_ranklist > 0 needs ranklist_dir (the folder for the rank lists)")
+    if ranklist_images and not save_ranklist:
+        raise ValueError("ranklist_images > 0 needs save_ranklist K > 0 (the gallery images per row)")
 
 
 # ----------------------------------------------------------------------------- CLI
+DATASET_ROOTS = {"sysu": "datasets/SYSU-MM01", "regdb": "datasets/RegDB", "llcm": "datasets/LLCM",
+                 "synthetic": "datasets/synthetic"}   # the default --data-root; train.py's presets use it too
+
+
 def parse_trials(text):
     """'0-9' -> [0..9], '0,3' -> [0, 3], '0-2,5' -> [0, 1, 2, 5]."""
     trials = []
@@ -982,6 +738,7 @@ def get_args_parser():
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from reports import format_table, summarize_runs
     if args.summarize:
         text, summary = summarize_runs(args.summarize)
         print(text)
@@ -990,16 +747,7 @@ def main(argv=None):
             with open(os.path.join(args.out, "summary.txt"), "w") as f:
                 f.write(text + "\n")
         return summary
-    if args.save_ranklist < 0 or args.ranklist_images < 0:
-        raise SystemExit("--save-ranklist and --ranklist-images take a count >= 0")
-    if args.save_ranklist and not args.out:
-        raise SystemExit("--save-ranklist needs --out DIR (where the rank lists go)")
-    if args.ranklist_images and not args.save_ranklist:
-        raise SystemExit("--ranklist-images M needs --save-ranklist K (the gallery images shown per query)")
-    if args.direction and args.dataset != "llcm" and not args.from_features:
-        raise SystemExit(f"--direction applies to --dataset llcm only (got --dataset {args.dataset})")
-    if not (args.model or args.checkpoint or args.from_features):
-        raise SystemExit("give --model pixels, --checkpoint PATH, --from-features PATH or --summarize RUN...")
+    _check_args(args)
     args.data_root = args.data_root or DATASET_ROOTS[args.dataset]
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model_fn, meta = pixel_model, {}
@@ -1054,6 +802,28 @@ def cli(argv=None):
             raise
         print(f"evaluate.py: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def write_json(results, path):
+    """`results` as indented JSON in `path`, its folder made if missing."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+
+
+def _check_args(args):
+    """The command-line combinations argparse cannot refuse, one sentence each (--summarize is checked by
+    reports.summarize_runs)."""
+    if args.save_ranklist < 0 or args.ranklist_images < 0:
+        raise SystemExit("--save-ranklist and --ranklist-images take a count >= 0")
+    if args.save_ranklist and not args.out:
+        raise SystemExit("--save-ranklist needs --out DIR (where the rank lists go)")
+    if args.ranklist_images and not args.save_ranklist:
+        raise SystemExit("--ranklist-images M needs --save-ranklist K (the gallery images shown per query)")
+    if args.direction and args.dataset != "llcm" and not args.from_features:
+        raise SystemExit(f"--direction applies to --dataset llcm only (got --dataset {args.dataset})")
+    if not (args.model or args.checkpoint or args.from_features):
+        raise SystemExit("give --model pixels, --checkpoint PATH, --from-features PATH or --summarize RUN...")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import distributed
 import evaluate
 import memory
 import mult
+import reports
 import runs
 from data import samplers, transforms
 from data.common import VIS, IR
@@ -564,7 +565,7 @@ def train(args, world):
     log_start(log, args, preset, plan, prepared["warnings"], vis, ir, prepared["weights"], start)
     if plan["mode"] == "fresh" and args.eval_untrained and world.main:
         untrained = run_evaluation(model, args, args.eval_trials)
-        log("untrained model (reference for the learning curve):\n" + evaluate.format_table(untrained))
+        log("untrained model (reference for the learning curve):\n" + reports.format_table(untrained))
     for epoch in range(start, args.epochs):
         t0 = time.time()
         if args.method == "mbmil" and epoch == args.stage_one_epochs and epoch > 0:
@@ -626,7 +627,7 @@ def run_all_splits(args):
         train(argparse.Namespace(**dict(vars(split), check_images=False)), world)
     if not world.main:
         return None
-    text, summary = evaluate.summarize_runs([split.out for split in splits])
+    text, summary = reports.summarize_runs([split.out for split in splits])
     folder = args.out or os.path.join(os.path.dirname(splits[0].out),
                                       os.path.basename(splits[0].out).replace("_trial1", "_ten-splits", 1))
     os.makedirs(folder, exist_ok=True)
@@ -667,10 +668,10 @@ def log_start(log, args, preset, plan, warned, vis, ir, weights, start):
 def report(results, untrained, history, args, log):
     """The full per-trial tables go to log.txt and results.json; the screen gets one compact table."""
     if untrained is not None:
-        log.file_only("untrained model:\n" + evaluate.format_table(untrained))
-    log.file_only(f"final model (last epoch, {history[-1]['epoch']}):\n" + evaluate.format_table(results))
+        log.file_only("untrained model:\n" + reports.format_table(untrained))
+    log.file_only(f"final model (last epoch, {history[-1]['epoch']}):\n" + reports.format_table(results))
     log(f"final model (last epoch, {history[-1]['epoch']})" + (", against the untrained one" if untrained else "")
-        + ", means over the gallery trials:\n" + evaluate.format_summary(results, untrained)
+        + ", means over the gallery trials:\n" + reports.format_summary(results, untrained)
         + f"\nper-trial tables: {os.path.join(args.out, 'log.txt')}, {os.path.join(args.out, 'results.json')}")
     if args.select_on_test:
         scored = [r for r in history if "eval" in r]

@@ -1,5 +1,6 @@
 """Tests for evaluate.py: protocol metrics against a slow per-query reference and hand-checked
-cases, feature extraction (flip averaging), the runners, saved features, rank lists and the CLI."""
+cases, feature extraction (flip averaging), the protocols, saved features, the CLI, and reports.py:
+rank lists and their pictures, the tables of one run and across runs."""
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import evaluate as ev
+import reports
 from data.common import IR, VIS, ImageList, read_image
 from data.synthetic import render_regdb, render_sysu
 from data.sysu import sysu_gallery_candidates, sysu_test
@@ -223,7 +225,7 @@ def test_evaluate_sysu_features_file_and_ranklist(tmp_path, tiny_sysu):
     # the saved features reproduce the same numbers without a model
     again = ev.evaluate_from_features(npz)
     assert again == res
-    assert ev.format_table(again) == ev.format_table(res) and "mean(2)" in ev.format_table(res)
+    assert reports.format_table(again) == reports.format_table(res) and "mean(2)" in reports.format_table(res)
     only = ev.evaluate_from_features(npz, settings=["all"], trials=[1])
     assert list(only) == ["all"] and only["all"]["trials"] == res["all"]["trials"][1:]
     with pytest.raises(ValueError, match="no saved evaluation"):
@@ -243,15 +245,15 @@ def test_write_ranklist_hand_checked(tmp_path):
     # query b (cam 6, pid 2): ranked g3 g2 g1 g0 -> g3(-) g2(-)
     d = np.array([[0.0, 1, 2, 3], [3.0, 2, 1, 0]])
     path = tmp_path / "r.txt"
-    ev.write_ranklist(str(path), d, ["a", "b"], ["g0", "g1", "g2", "g3"], np.array([1, 2]),
+    reports.write_ranklist(str(path), d, ["a", "b"], ["g0", "g1", "g2", "g3"], np.array([1, 2]),
                       np.array([3, 2, 1, 4]), 2, np.array([3, 6]), np.array([1, 2, 4, 5]))
     assert path.read_text() == "a\t-g0\t+g2\nb\t-g3\t-g2\n"
     # without camids nothing is dropped; k beyond the gallery size lists everything
-    ev.write_ranklist(str(path), d[:1], ["a"], ["g0", "g1", "g2", "g3"], np.array([1]),
+    reports.write_ranklist(str(path), d[:1], ["a"], ["g0", "g1", "g2", "g3"], np.array([1]),
                       np.array([3, 2, 1, 4]), 9)
     assert path.read_text() == "a\t-g0\t-g1\t+g2\t-g3\n"
     with pytest.raises(ValueError, match="gallery paths"):
-        ev.write_ranklist(str(path), d, ["a", "b"], ["g0"], np.array([1, 2]), np.array([3]), 1)
+        reports.write_ranklist(str(path), d, ["a", "b"], ["g0"], np.array([1, 2]), np.array([3]), 1)
 
 
 def test_evaluate_regdb_and_mean_over_trials(tmp_path, monkeypatch):
@@ -282,7 +284,7 @@ def test_evaluate_regdb_and_mean_over_trials(tmp_path, monkeypatch):
     assert [r["trial"] for r in v2t["trials"]] == [2, 5]
     assert v2t["mean"]["R1"] == pytest.approx(res["v2t"]["trials"][0]["R1"] - 5)
     assert v2t["mean"]["mAP"] == pytest.approx(res["v2t"]["mean"]["mAP"] / 2)
-    assert "mean(2)" in ev.format_table(merged) and "RegDB thermal->visible" in ev.format_table(merged)
+    assert "mean(2)" in reports.format_table(merged) and "RegDB thermal->visible" in reports.format_table(merged)
     with pytest.raises(ValueError, match="same trial twice"):
         ev.mean_over_trials([res, res])
 
@@ -443,9 +445,9 @@ def test_rerank_in_the_runners_and_from_features(tmp_path, tiny_sysu):
     cmc, m_ap, _ = ev.eval_sysu(d, query.pids, gallery.pids, query.camids, gallery.camids)
     assert rr["all"]["trials"][0]["mAP"] == pytest.approx(100 * m_ap, abs=1e-4)
     assert rr["all"]["trials"][0]["R1"] == pytest.approx(100 * cmc[0], abs=1e-4)
-    text = ev.format_table(rr)
+    text = reports.format_table(rr)
     assert "SYSU all-search (re-ranked)" in text and "k1 8, k2 3, lambda 0.3" in text
-    assert "re-ranked" not in ev.format_table(plain)
+    assert "re-ranked" not in reports.format_table(plain)
 
 
 # ----------------------------------------------------------------------------- rank-list pictures
@@ -462,14 +464,14 @@ def test_ranklist_images(tmp_path, tiny_sysu):
     assert all(p.name in page for p in pngs)
     assert "ranklist_all_trial0/index.html" in (out / "index.html").read_text()
     image = np.asarray(Image.open(pngs[0]).convert("RGB"))
-    assert image.shape[1] == ev.PAD + 5 * (ev.TILE_W + 2 * ev.PAD) + ev.PAD     # query + top 4
+    assert image.shape[1] == reports.PAD + 5 * (reports.TILE_W + 2 * reports.PAD) + reports.PAD     # query + top 4
     # frames: the pixel just outside each gallery tile is green (correct) or red (wrong), as the text list
     lines = (out / "ranklist_all_trial0.txt").read_text().splitlines()
     first = int(pngs[0].stem[5:])
     marks = [f[0] for f in lines[first].split("\t")[1:]]
     for t, mark in enumerate(marks, start=1):
-        x = ev.PAD + t * (ev.TILE_W + 2 * ev.PAD) + ev.PAD - 2
-        colour = tuple(image[18 + ev.PAD + ev.TILE_H // 2, x])
+        x = reports.PAD + t * (reports.TILE_W + 2 * reports.PAD) + reports.PAD - 2
+        colour = tuple(image[18 + reports.PAD + reports.TILE_H // 2, x])
         assert colour == ((0, 170, 0) if mark == "+" else (210, 0, 0))
     assert res["all"]["trials"][0]["num_query"] == len(lines)
     with pytest.raises(SystemExit, match="--save-ranklist K"):
@@ -481,16 +483,16 @@ def test_write_ranklist_images_llcm_exclusion(tmp_path):
     paths = [write_image(tmp_path / f"{i}.png", i, i) for i in range(4)]
     d = np.array([[0.0, 1.0, 2.0], [2.0, 1.0, 0.0]])
     # query 0: id 1 cam 2; gallery 0 is id 1 cam 2 -> dropped under LLCM, kept under RegDB
-    index = ev.write_ranklist_images(str(tmp_path / "pics"), d, paths[:2], paths[1:], np.array([1, 5]),
+    index = reports.write_ranklist_images(str(tmp_path / "pics"), d, paths[:2], paths[1:], np.array([1, 5]),
                                      np.array([1, 5, 1]), 2, 5, np.array([2, 1]), np.array([2, 3, 4]),
                                      protocol="llcm", title="toy")
     assert sorted(os.listdir(tmp_path / "pics")) == ["index.html", "query00000.png", "query00001.png"]
     assert "toy" in open(index).read()
-    ev.write_ranklist(str(tmp_path / "r.txt"), d, ["a", "b"], ["g0", "g1", "g2"], np.array([1, 5]),
+    reports.write_ranklist(str(tmp_path / "r.txt"), d, ["a", "b"], ["g0", "g1", "g2"], np.array([1, 5]),
                       np.array([1, 5, 1]), 2, np.array([2, 1]), np.array([2, 3, 4]), protocol="llcm")
     assert (tmp_path / "r.txt").read_text() == "a\t-g1\t+g2\nb\t-g2\t+g1\n"
     with pytest.raises(ValueError, match="num_queries"):
-        ev.write_ranklist_images(str(tmp_path / "x"), d, paths[:2], paths[1:], [1, 5], [1, 5, 1], 2, 0)
+        reports.write_ranklist_images(str(tmp_path / "x"), d, paths[:2], paths[1:], [1, 5], [1, 5, 1], 2, 0)
 
 
 # ----------------------------------------------------------------------------- run summaries
@@ -519,7 +521,7 @@ def test_summarize_runs_regdb_and_sysu(tmp_path, capsys):
     base = {"method": "mult", "dataset": "regdb", "seed": 1, "association": "mult"}
     runs = [write_run(tmp_path / f"r{t}", {**base, "trial": t}, fake_results(["v2t", "t2v"], 2.0 * t))
             for t in (3, 1, 2)]
-    text, summary = ev.summarize_runs(runs)
+    text, summary = reports.summarize_runs(runs)
     assert [r["trial"] for r in summary["runs"]] == [1, 2, 3]              # per split, in order
     # split t: v2t R1 = 10 + 2t; t2v mAP = 20 + 2t + 4 -> over t = 1..3, means 14 and 28, std of (2, 4, 6)
     assert summary["mean"]["v2t"]["R1"] == pytest.approx(14) and summary["mean"]["t2v"]["mAP"] == pytest.approx(28)
@@ -530,7 +532,7 @@ def test_summarize_runs_regdb_and_sysu(tmp_path, capsys):
     sysu = [write_run(tmp_path / f"s{s}", {"method": "mult", "dataset": "sysu", "seed": s, "trial": None,
                                            "association": a}, fake_results(["all", "indoor"], s),
                       layout="train" if s < 3 else "eval") for s, a in ((1, "mult"), (2, "ot"), (3, "mult"))]
-    text, summary = ev.summarize_runs(sysu)
+    text, summary = reports.summarize_runs(sysu)
     assert [r["seed"] for r in summary["runs"]] == [1, 2, 3] and "seed 2" in text
     assert "differ in association (mult, ot)" in text
     res = ev.main(["--summarize", *sysu, "--out", str(tmp_path / "sum")])
@@ -545,30 +547,30 @@ def test_summarize_runs_errors(tmp_path):
 
     a, b = reg("a", 1), reg("b", 1)
     with pytest.raises(ValueError, match=r"RegDB split 1 appears twice \(.*a and .*b\)"):
-        ev.summarize_runs([a, b])
+        reports.summarize_runs([a, b])
     s = write_run(tmp_path / "s", {"method": "mult", "dataset": "sysu", "seed": 1}, fake_results(["all"], 0))
     with pytest.raises(ValueError, match=r"different datasets \(regdb, sysu"):
-        ev.summarize_runs([a, s])
+        reports.summarize_runs([a, s])
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty has no results.json"):
-        ev.summarize_runs([a, str(tmp_path / "empty")])
+        reports.summarize_runs([a, str(tmp_path / "empty")])
     m = reg("m", 2, method="mbmil")
     with pytest.raises(ValueError, match="different methods"):
-        ev.summarize_runs([a, m])
+        reports.summarize_runs([a, m])
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "results.json").write_text("{not json")
     with pytest.raises(ValueError, match="not the output of a train.py or evaluate.py run"):
-        ev.summarize_runs([str(tmp_path / "bad")])
+        reports.summarize_runs([str(tmp_path / "bad")])
 
 
 def test_format_summary():
     final, untrained = fake_results(["all", "indoor"], 5.0), fake_results(["all", "indoor"], 0.0)
     untrained["indoor"]["mean"]["mINP"] = 0.0
-    text = ev.format_summary(final, untrained)
+    text = reports.format_summary(final, untrained)
     lines = text.splitlines()
     assert len(lines) == 4 and lines[2].startswith("SYSU all-search")
     # all: R1 15 vs 10 -> +50.0%; mAP (index 4) 19 vs 14 -> +35.7%
     assert "15.00" in lines[2] and "10.00" in lines[2] and "+50.0%" in lines[2] and "+35.7%" in lines[2]
     assert "n/a" in lines[3]
-    alone = ev.format_summary(final)
+    alone = reports.format_summary(final)
     assert "untrained" not in alone and len(alone.splitlines()) == 4 and "25.00" in alone.splitlines()[3]

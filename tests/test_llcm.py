@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import evaluate as ev
+import reports
 from data.common import IR, VIS
 from data.llcm import (DIRECTIONS, IR_CAMS, LLCM_TRAIN_COUNTS, VIS_CAMS, llcm_gallery_candidates,
                        llcm_test, llcm_train)
@@ -319,7 +320,7 @@ def test_evaluate_llcm_runner(rendered):
                                    [100 * cmc[0], 100 * m_ap, 100 * m_inp], atol=1e-4)
     assert res["i2v"]["trials"][0]["num_query"] == test["ir"]
     assert res["v2i_transposed"]["trials"][0]["num_gallery"] == test["vis"]
-    assert "LLCM IR->VIS" in ev.format_table(res) and "LLCM VIS->IR transposed" in ev.format_table(res)
+    assert "LLCM IR->VIS" in reports.format_table(res) and "LLCM VIS->IR transposed" in reports.format_table(res)
     with pytest.raises(ValueError, match="directions"):
         ev.evaluate_llcm(model, root, directions=["t2v"])
 
