@@ -39,7 +39,7 @@ def gem(x, p=3.0, eps=1e-12):
     return (x.pow(p).mean(dim=(2, 3)) + eps).pow(1.0 / p)
 
 
-def _imagenet_weights_path(arch):
+def imagenet_weights_path(arch):
     """The V1 weight file of `arch` in the torch hub cache ($TORCH_HOME/hub/checkpoints). When it is
     not there and the machine is online, torchvision's own download puts it there first (progress bar,
     hash check), as torchvision users expect; offline, a clear error within seconds."""
@@ -108,7 +108,7 @@ def _resnet(arch, pretrained):
         raise ValueError(f"--arch must be one of {ARCHS}, got {arch!r}")
     net = getattr(torchvision.models, arch)(weights=None)
     if pretrained == "imagenet":
-        load_backbone_weights(net, _imagenet_weights_path(arch))
+        load_backbone_weights(net, imagenet_weights_path(arch))
     elif pretrained not in (None, "none", ""):
         load_backbone_weights(net, pretrained)
     return net

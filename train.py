@@ -638,8 +638,11 @@ def run_all_splits(args):
 
 
 def initial_weights(args):
-    """The source of the initial backbone weights: --pretrained, or for the CPU demo the stand-in for ImageNet
-    weights that pretrain.py trains once and caches (rank 0 only: the others read the cached file)."""
+    """The file (or "none") of the initial backbone weights: --pretrained, the ImageNet V1 file of the torch cache,
+    or for the CPU demo the stand-in that pretrain.py trains once and caches. Rank 0 only: the others read it."""
+    if args.pretrained == "imagenet":   # downloaded into the torch cache first if missing and online
+        from model import imagenet_weights_path
+        return imagenet_weights_path(args.arch)
     if args.pretrained != "synthetic":
         return args.pretrained
     from pretrain import ensure_pretrained

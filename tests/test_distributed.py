@@ -176,6 +176,10 @@ def test_resume_across_world_sizes(root, tmp_path, monkeypatch):
     assert np.allclose(curve(full), curve(part), rtol=1e-4, atol=0)
     a, b = labels(full + "_dump")[2], labels(part + "_dump1")[0]
     assert np.array_equal(a["v"], b["v"]) and np.array_equal(a["r"], b["r"])
+    other = str(tmp_path / "other")                     # and the other way: one process, resumed on two
+    run_single([*argv, "--epochs", "2", "--out", other], other + "_dump", monkeypatch)
+    assert run_world(2, [*argv, "--epochs", "3", "--out", other], other + "_dump2") == [0, 0]
+    assert np.allclose(curve(full), curve(other), rtol=1e-4, atol=0)
 
 
 def test_a_failing_rank_stops_every_rank_with_a_message(root, tmp_path):
