@@ -4,7 +4,7 @@ MULT (He et al., IJCV 2024) starts from the optimal-transport assignment of each
 cluster centers and propagates labels over homogeneous (Jaccard) and heterogeneous (instance-level Sinkhorn)
 affinities; its baselines are that OT assignment alone (`ot`) and a Hungarian matching of the cluster centers
 (`pgm`). This bench scores the labels of each on generated features whose cross-modality structure is known and
-set by knobs, through the call train.py makes: `mult.associate(method, feat_v, feat_r, labels_v, labels_r, sim_v,
+set by knobs, through the call train.py makes: `mult.associate(method, feats_v, feats_r, labels_v, labels_r, sim_v,
 sim_r, alpha, temp, sinkhorn_lambda)`.
 
 Generated features (`generate`, a pure function of the seed; unit identity prototypes mu_i in R^D):
