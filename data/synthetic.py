@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data.common import IR, VIS
+from .common import IR, VIS
 
 META = "synthetic.json"
 FORMAT_VERSION = 2            # 2: infrared follows visible luminance in part (NIR_FROM_LUMA)
