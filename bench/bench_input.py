@@ -15,7 +15,9 @@ stage, in the same run:
 - the backbone (model.TwoStreamNet, pretrained='none', train mode): forward of cat(v0, v1) and r, the
   contrastive-free loss sum(f^2), backward; images/s at the preset's batch (on the CPU at most
   8 pairs for SYSU, since 432 images of ResNet-50 at 288x144 need about 40 GB of activations).
-All CPU figures are per core: the run uses --threads torch threads (1 by default) and divides by them.
+All CPU figures are per core: images per second of this process's CPU time (--threads torch threads, 1 by
+default), so that other jobs on a shared machine, which stretch the wall time, hardly change them; GPU figures
+are images per second of wall time, synchronised.
 
     python bench/bench_input.py                          # SYSU and demo presets, both stages, pil and cached
     python bench/bench_input.py --input pil              # today's per-image pipeline only
@@ -109,51 +111,54 @@ def index_batches(n_vis, n_ir, pairs, count, rng):
                      for _ in range(count)]).astype(np.int64)
 
 
-def sync(device):
+def clock(device):
+    """Seconds for a per-core figure: this process's CPU time on the CPU (other jobs on a shared machine
+    stretch the wall time, not the CPU time a batch needs), the wall time on a GPU (synchronised)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
+        return time.perf_counter()
+    return time.process_time()
 
 
 def time_pil(vis, ir, tfm, batches, seed):
-    """Seconds per batch: the whole TrainBatches item, and its parts (decode, v0, v1, r)."""
+    """CPU seconds per batch: the whole TrainBatches item, and its parts (decode, v0, v1, r)."""
+    cpu = torch.device("cpu")
     data = TrainBatches(vis, ir, tfm, batches, seed)
     data[0]                                                        # warm-up
-    t = time.perf_counter()
+    t = clock(cpu)
     for b in range(1, len(batches)):
         data[b]
-    total = (time.perf_counter() - t) / (len(batches) - 1)
+    total = (clock(cpu) - t) / (len(batches) - 1)
     parts = dict.fromkeys(("decode", "v0", "v1", "r"), 0.0)
     for b in range(1, len(batches)):                             # the same work, timed step by step
         for j, (row_v, row_r) in enumerate(batches[b].tolist()):
-            t0 = time.perf_counter()
+            t0 = clock(cpu)
             img_v, img_r = read_image(vis.paths[row_v]), read_image(ir.paths[row_r])
-            t1 = time.perf_counter()
+            t1 = clock(cpu)
             rng = np.random.default_rng([seed, b, j])
             tfm["v0"](img_v, rng)
-            t2 = time.perf_counter()
+            t2 = clock(cpu)
             tfm["v1"](img_v, rng)
-            t3 = time.perf_counter()
+            t3 = clock(cpu)
             tfm["r"](img_r, np.random.default_rng([seed, b, j, 1]))
-            t4 = time.perf_counter()
+            t4 = clock(cpu)
             for key, dt in (("decode", t1 - t0), ("v0", t2 - t1), ("v1", t3 - t2), ("r", t4 - t3)):
                 parts[key] += dt
     return total, {k: v / (len(batches) - 1) for k, v in parts.items()}
 
 
 def time_cached(caches, tfm, batches, seed, device):
-    """Seconds per batch on `device`: the whole CachedTrainBatches item, and each view's part."""
+    """Seconds per batch on `device`: the whole CachedTrainBatches item, and its parts (plan, v0, v1, r)."""
     from data.loader import CachedTrainBatches
     data = CachedTrainBatches(caches[VIS], caches[IR], tfm, batches, seed, device=device)
     data[0]
-    sync(device)
-    t = time.perf_counter()
+    t = clock(device)
     for b in range(1, len(batches)):
         data[b]
-    sync(device)
-    total = (time.perf_counter() - t) / (len(batches) - 1)
+    total = (clock(device) - t) / (len(batches) - 1)
     parts = dict.fromkeys(("plan", "v0", "v1", "r"), 0.0)
     for b in range(1, len(batches)):
-        for key, dt in data.timed(b).items():
+        for key, dt in data.timed(b, clock=lambda: clock(device)).items():
             parts[key] += dt
     return total, {k: v / (len(batches) - 1) for k, v in parts.items()}
 
@@ -166,11 +171,9 @@ def time_backbone(arch, height, width, pairs, iters, device):
     x_ir = torch.randn(pairs, 3, height, width, generator=gen).to(device)
     times = []
     for _ in range(iters):
-        sync(device)
-        t = time.perf_counter()
+        t = clock(device)
         model(x_vis, x_ir).pow(2).sum().backward()
-        sync(device)
-        times.append(time.perf_counter() - t)
+        times.append(clock(device) - t)
         model.zero_grad(set_to_none=True)
     timed = times[1:] if len(times) > 1 else times
     return 3 * pairs / (sum(timed) / len(timed))
@@ -198,16 +201,15 @@ def main(args):
                 from data.cache import build_cache
                 caches, build = {}, 0.0
                 for images in (vis, ir):
-                    t = time.perf_counter()
+                    t = clock(torch.device("cpu"))
                     caches[images.modality] = build_cache(images, height, width, interpolation, progress=False)
-                    build += time.perf_counter() - t
+                    build += clock(torch.device("cpu")) - t
                 print(f"{preset}: decode-once cache {height}x{width} {interpolation}: "
-                      f"{2 * args.images / build / args.threads:.0f} images/s per core", flush=True)
+                      f"{2 * args.images / build:.0f} images/s per core", flush=True)
             backbone = float("nan")
             if not args.no_backbone:
                 bb_pairs = pairs if device.type == "cuda" else min(pairs, args.cpu_backbone_pairs or cpu_pairs)
                 backbone = time_backbone(arch, height, width, bb_pairs, args.backbone_iters, device)
-                backbone /= args.threads if device.type == "cpu" else 1
                 print(f"{preset}: backbone {arch} forward+backward at {3 * bb_pairs} images: "
                       f"{backbone:.1f} images/s{' per core' if device.type == 'cpu' else ''}", flush=True)
             stages = [2] if augment == "light" else args.stages
@@ -221,10 +223,9 @@ def main(args):
                     else:
                         total, parts = time_cached(caches, tfm, batches, args.seed, device)
                         where = device.type
-                    per_core = args.threads if where == "cpu" else 1
                     row = {"preset": preset, "stage": "light" if augment == "light" else stage, "input": mode,
-                           "device": where, "total": 3 * pairs / total / per_core,
-                           **{k: (2 if k == "decode" else 1) * pairs / v / per_core for k, v in parts.items() if v > 0},
+                           "device": where, "total": 3 * pairs / total,
+                           **{k: (2 if k == "decode" else 1) * pairs / v for k, v in parts.items() if v > 0},
                            "backbone": backbone}
                     rows.append(row)
                     print(format_row(row), flush=True)
@@ -242,7 +243,7 @@ def format_row(r):
 
 def print_table(rows, args):
     load = os.getloadavg()
-    print(f"\nimages/s per core ({args.threads} thread(s); load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}); "
+    print(f"\nimages/s per core, CPU time ({args.threads} thread(s); load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}); "
           "a part's figure counts the images of that part alone (decode: both modalities; plan: pairs)")
     print("| preset | stage | input | device | whole batch | decode or plan | v0 | v1 | r | backbone fwd+bwd |")
     print("|---|---|---|---|---|---|---|---|---|---|")
