@@ -139,18 +139,17 @@ def _hue(x, f):
     chroma = top - torch.minimum(torch.minimum(r, g), b)
     is_r = (r == top).to(x.dtype)                                # ties as PIL: R, then G, then B
     is_g = (g == top).to(x.dtype).mul_(1 - is_r)
-    is_b = 1 - is_r - is_g
-    h6 = is_r * (g - b)                                          # R max: (G - B) / c, G max: 2 + (B - R) / c, ...
-    h6 += is_g * (chroma * 2 + b - r)
-    h6 += is_b * (chroma * 4 + r - g)
-    h6.div_(chroma.clamp(min=1e-12))                             # chroma 0: h6 = 0, and the result is max
-    shift = torch.trunc(f[:, 0] * 255) / 255 * 6                 # [m, 1, 1]
-    h6.add_(shift)
+    # R max: (G - B) / c; G max: 2 + (B - R) / c; B max: 4 + (R - G) / c
+    h6 = (r - g).add_(chroma, alpha=4)                           # B max
+    h6.add_(is_r * ((g - b) - h6)).add_(is_g * ((b - r).add_(chroma, alpha=2) - h6))
+    h6.div_(chroma.clamp(min=1e-12))                             # chroma 0: any h6, and the result is max
+    h6.add_(torch.trunc(f[:, 0] * 255) / 255 * 6)                # PIL's shift, [m, 1, 1]
+    h6.sub_(torch.floor(h6 * (1 / 6)), alpha=6)                  # mod 6, to [0, 6)
     for channel, n in enumerate((5.0, 3.0, 1.0)):
-        k = h6 + n
-        k.sub_(torch.floor(k / 6).mul_(6))                       # mod 6
+        k = h6 + n                                               # in [1, 11)
+        k.sub_(torch.floor(k * (1 / 6)), alpha=6)
         k = torch.minimum(k, 4 - k).clamp_(0.0, 1.0)
-        x[:, channel] = top - chroma * k
+        torch.addcmul(top, chroma, k, value=-1, out=x[:, channel])
 
 
 ADJUST = (_brightness, _contrast, _saturation, _hue)

@@ -16,7 +16,7 @@ The file is the default for a real dataset because
 
 Key: `<path>.json` beside the pixels holds the format, height, width, interpolation and, per row, the source
 file's (path, size, mtime_ns), then two facts about the decoded pixels the batched pipeline uses (three equal
-channels; which channels hold a 0). Opening an existing cache checks every row against the file system:
+channels; the number of 0 values per channel). Opening an existing cache checks every row against the file system:
 - a missing file raises FileNotFoundError naming it (the dataset changed under the run: fix it or rebuild);
 - a changed file (other size or mtime) is decoded again into its row, and `cache.summary` names it;
 - another height, width, interpolation, format or list of paths means another cache: it is rebuilt whole.
@@ -39,16 +39,15 @@ class ImageCache:
     """uint8 images [N, 3, H, W] (CPU tensor, memory-mapped or in RAM), row i decoded from paths[i].
 
     grey:  bool [N], the three channels are equal (infrared images stored as RGB)
-    zero:  bool [N, 3], the channel holds a 0 somewhere (data/draws.py's LinearTransform shortcut)
+    zeros: int64 [N, 3], 0 values in each channel (data/draws.py's LinearTransform shortcut)
     height, width, interpolation: the Resize they went through; path: the .u8 file or None (RAM);
     summary: one line saying what opening or building did.
     """
 
     def __init__(self, images, flags, paths, height, width, interpolation, path, summary):
         self.images, self.paths, self.path, self.summary = images, paths, path, summary
-        self.grey = torch.tensor([f[0] for f in flags], dtype=torch.bool)
-        self.zero = torch.tensor([[bool(f[1] >> c & 1) for c in range(3)] for f in flags],
-                                 dtype=torch.bool).view(-1, 3)
+        self.grey = torch.tensor([bool(f[0]) for f in flags], dtype=torch.bool)
+        self.zeros = torch.tensor([f[1] for f in flags], dtype=torch.int64).view(-1, 3)
         self.height, self.width, self.interpolation = height, width, interpolation
 
     def __len__(self):
@@ -151,8 +150,8 @@ class _Decode(torch.utils.data.Dataset):
 def _decode_rows(paths, rows, pixels, height, width, interpolation, workers, progress):
     """pixels[i] = decode_resized(paths[i]) for i in rows, `workers` processes decoding.
 
-    Returns per row [grey, zero]: grey 1 when the three channels are equal, zero a bit mask of the
-    channels holding a 0.
+    Returns per row [grey, zeros]: grey 1 when the three channels are equal, zeros the number of 0 values
+    of each channel.
     """
     data = _Decode(paths, rows, height, width, interpolation)
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers)
@@ -161,8 +160,7 @@ def _decode_rows(paths, rows, pixels, height, width, interpolation, workers, pro
                        disable=not progress, leave=False):
         pixels[i] = arr = img.numpy()
         grey = int(np.array_equal(arr[0], arr[1]) and np.array_equal(arr[1], arr[2]))
-        zero = sum(1 << c for c in range(3) if arr[c].min() == 0)
-        flags.append([grey, zero])
+        flags.append([grey, [int(np.count_nonzero(arr[c] == 0)) for c in range(3)]])
     return flags
 
 

@@ -147,29 +147,27 @@ class LinearMasks:
     steps: torch.Tensor
 
 
-def resolve_linear(lt, crops, gate, rngs, zero, pad, first=16, more=8):
+def resolve_linear(lt, crops, gate, rngs, zeros, pad, first=16, more=8):
     """LinearTransform's loop for every image with gate[j], consuming rngs[j] exactly as the per-image loop.
 
     lt:    the data.transforms.LinearTransform step
     crops: uint8 CPU tensor [B, 3, H, W], the padded, cropped, flipped images (x = crops / 255 is its input)
     gate:  bool [B], the transform's own first draw (draw_linear_gate) said it runs
     rngs:  B np.random.Generators, each right after that draw; left right after the loop's last draw
-    zero:  bool [B, 3], the source image's channel holds a 0 (data.cache.ImageCache.zero); pad: the crop's pad
+    zeros: int [B, 3], 0 values of each channel of the source image (data.cache.ImageCache.zeros); pad: the
+           crop's pad
     first, more: rectangles drawn ahead per image in the first round, and added per further round
     Returns LinearMasks.
     """
     b_count, _, height, width = crops.shape
     pixels = crops.numpy()
-    # A channel with no 0 in the source image is > 0 in every rectangle when no rectangle fits in the zero
-    # padding (the shortest side, sqrt(area_min * H * W * ratio) rounded, is longer than the pad).
-    side = math.sqrt(lt.area[0] * height * width * lt.ratio) - 0.5
-    sure = (~zero).numpy() & (side > pad)
+    zeros = zeros.tolist()
     draws = [_Draws() for _ in range(b_count)]
     final = [None] * b_count                 # per image: (row edges, column edges, M per cell [3, G_y, G_x])
     running, quota = [j for j in range(b_count) if gate[j]], first
     while running:
         for j in running:                    # draw ahead: `quota` more rectangles per running image
-            draws[j].ahead(lt, pixels[j], sure[j], rngs[j], quota)
+            draws[j].ahead(lt, pixels[j], zeros[j], pad, rngs[j], quota)
         stops, grids = _run_on_grid(lt, pixels[running], [draws[j] for j in running], height, width)
         still = []
         for j, k, grid in zip(running, stops, grids):
@@ -193,28 +191,38 @@ class _Draws:
         self.rects, self.positive, self.beta, self.states = [], [], [], []
         self.attempts, self.bound = 0, 1.0
 
-    def ahead(self, lt, image, sure, rng, quota):
+    def ahead(self, lt, image, zeros, pad, rng, quota):
         """Up to `quota` more accepted rectangles (attempts capped at lt.max_iter), as the loop draws them.
 
-        The state is saved only where the loop could stop: M >= prod of each rectangle's smallest b (every
-        factor b / m >= b, as m <= 1), so while that product is > tmin it cannot.
+        image: uint8 [3, H, W]; zeros: the number of 0 values of each channel in the source image (a crop
+        adds only padding). A channel is > 0 in the rectangle (m_c > 0) for sure when the rectangle has more
+        pixels than there can be zeros in it: the source's zeros plus the padding rows and columns it crosses;
+        otherwise the pixels decide. The state is saved only where the loop could stop: M >= the product of
+        each rectangle's smallest b (every factor b / m >= b, as m <= 1), so while that is > tmin it cannot.
         """
         height, width = image.shape[1:]
+        (a0, a1), ratio = lt.area, lt.ratio
         for _ in range(quota):
             rect = None
             while rect is None and self.attempts < lt.max_iter:
-                self.attempts += 1
-                rect = T._draw_rectangle(height, width, rng, lt.area, lt.ratio)
+                self.attempts += 1                           # T._draw_rectangle, inlined: the same draws
+                u = rng.random(2)                            # rng.uniform(lo, hi) is lo + (hi - lo) * random()
+                target = (a0 + (a1 - a0) * u[0]) * height * width
+                aspect = ratio + (1 / ratio - ratio) * u[1]
+                h, w = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+                if h < height and w < width:
+                    rect = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
             if rect is None:
                 return
             top, left, h, w = rect
-            positive = sure.copy()           # m_c > 0, from the uint8 image
-            if not positive.all():
-                region = image[:, top:top + h, left:left + w]
-                positive |= region.max(axis=(1, 2)) > 0
-            b = np.ones(3, dtype=np.float32)
-            if positive.any():
-                b[positive] = rng.beta(0.5, 0.5, size=int(positive.sum())).astype(np.float32)
+            room = h * w - pad * (h + w)
+            positive = [z < room or bool(image[c, top:top + h, left:left + w].any()) for c, z in enumerate(zeros)]
+            if all(positive):
+                b = rng.beta(0.5, 0.5, size=3).astype(np.float32)
+            else:
+                b = np.ones(3, dtype=np.float32)
+                if any(positive):
+                    b[positive] = rng.beta(0.5, 0.5, size=sum(positive)).astype(np.float32)
             self.bound *= float(b.min())
             self.rects.append(rect)
             self.positive.append(positive)

@@ -268,7 +268,7 @@ def _plan_view(rec, cache, rows, rngs):
     if rec.linear is not None:
         x = crop(cache.images, rows, top, left, flip, rec.pad)                 # [n, 3, H, W]
         gate = [draws.draw_linear_gate(rec, rng) for rng in rngs]
-        masks = draws.resolve_linear(rec.linear, x, gate, rngs, cache.zero[rows], rec.pad)
+        masks = draws.resolve_linear(rec.linear, x, gate, rngs, cache.zeros[rows], rec.pad)
     tails = [draws.draw_tail(rec, rng) for rng in rngs]
     rect = torch.tensor([t[0] if t[0] is not None else (0, 0, 0, 0) for t in tails], dtype=torch.int64)
     mix = torch.tensor([t[1] for t in tails], dtype=torch.int64)
