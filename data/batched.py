@@ -118,7 +118,8 @@ def _brightness(x, f):
 
 def _contrast(x, f):
     """PIL: blend with the mean grey, rounded to an 8-bit level: m + f (x - m), clipped."""
-    m = _luma(x).mean(dim=(1, 2, 3), keepdim=True).mul_(255).add_(0.5).floor_().div_(255)
+    m = _luma(x).mean(dim=(1, 2, 3), keepdim=True, dtype=torch.float64)   # float64: no thread-count dependence
+    m = m.mul_(255).add_(0.5).floor_().div_(255).to(x.dtype)
     x.sub_(m).mul_(f).add_(m).clamp_(0.0, 1.0)
 
 

@@ -147,7 +147,7 @@ class LinearMasks:
     steps: torch.Tensor
 
 
-def resolve_linear(lt, crops, gate, rngs, zeros, pad, first=16, more=8):
+def resolve_linear(lt, crops, gate, rngs, zeros, pad, first=16, more=8, limit=64):
     """LinearTransform's loop for every image with gate[j], consuming rngs[j] exactly as the per-image loop.
 
     lt:    the data.transforms.LinearTransform step
@@ -157,6 +157,8 @@ def resolve_linear(lt, crops, gate, rngs, zeros, pad, first=16, more=8):
     zeros: int [B, 3], 0 values of each channel of the source image (data.cache.ImageCache.zeros); pad: the
            crop's pad
     first, more: rectangles drawn ahead per image in the first round, and added per further round
+    limit: an image still running after this many rectangles (rare: a 288 x 144 image needs 6 to 28; an
+           all-zero one never stops) runs the per-image loop instead, from its first draw
     Returns LinearMasks.
     """
     b_count, _, height, width = crops.shape
@@ -165,6 +167,7 @@ def resolve_linear(lt, crops, gate, rngs, zeros, pad, first=16, more=8):
     draws = [_Draws() for _ in range(b_count)]
     final = [None] * b_count                 # per image: (row edges, column edges, M per cell [3, G_y, G_x])
     running, quota = [j for j in range(b_count) if gate[j]], first
+    begin = {j: rngs[j].bit_generator.state for j in running}
     while running:
         for j in running:                    # draw ahead: `quota` more rectangles per running image
             draws[j].ahead(lt, pixels[j], zeros[j], pad, rngs[j], quota)
@@ -175,10 +178,13 @@ def resolve_linear(lt, crops, gate, rngs, zeros, pad, first=16, more=8):
                 rngs[j].bit_generator.state = draws[j].states[k]
                 draws[j].keep(k + 1)
                 final[j] = grid
-            elif draws[j].attempts < lt.max_iter:
-                still.append(j)
-            else:                            # max_iter draws without stopping: every rectangle applies
+            elif draws[j].attempts >= lt.max_iter:   # max_iter draws without stopping: all rectangles apply
                 final[j] = grid
+            elif len(draws[j].rects) >= limit:
+                rngs[j].bit_generator.state = begin[j]
+                final[j], draws[j].rects = _loop(lt, crops[j], rngs[j])
+            else:
+                still.append(j)
         running, quota = still, more
     steps = torch.tensor([len(d.rects) for d in draws], dtype=torch.int64)
     return _pack(final, height, width, steps)
@@ -231,6 +237,32 @@ class _Draws:
 
     def keep(self, k):
         del self.rects[k:], self.positive[k:], self.beta[k:], self.states[k:]
+
+
+def _loop(lt, crop, rng):
+    """The per-image loop itself on one image (data.transforms.LinearTransform, after its first draw), keeping
+    its mask: ((row edges, column edges, M per pixel [3, H, W]), rectangles)."""
+    x = crop.float().div_(255)
+    mask, rects = torch.ones_like(x), []
+    height, width = x.shape[1:]
+    for _ in range(lt.max_iter):
+        rect = T._draw_rectangle(height, width, rng, lt.area, lt.ratio)
+        if rect is None:
+            continue
+        top, left, h, w = rect
+        rects.append(rect)
+        region = x[:, top:top + h, left:left + w]
+        peak = region.amax(dim=(1, 2))
+        positive = peak > 0
+        b = torch.ones_like(peak)
+        if int(positive.sum()):
+            b[positive] = torch.from_numpy(rng.beta(0.5, 0.5, size=int(positive.sum()))).to(x.dtype)
+        peak = torch.where(positive, peak, torch.ones_like(peak))
+        region.div_(peak[:, None, None]).mul_(b[:, None, None])
+        mask[:, top:top + h, left:left + w].mul_((b / peak)[:, None, None])
+        if mask.min() <= lt.tmin:
+            break
+    return (np.arange(height + 1), np.arange(width + 1), mask), rects
 
 
 def _run_on_grid(lt, pixels, draws, height, width):
