@@ -16,12 +16,16 @@ stage, in the same run:
   contrastive-free loss sum(f^2), backward; images/s at the preset's batch (on the CPU at most
   8 pairs for SYSU, since 432 images of ResNet-50 at 288x144 need about 40 GB of activations).
 All CPU figures are per core: images per second of this process's CPU time (--threads torch threads, 1 by
-default), so that other jobs on a shared machine, which stretch the wall time, hardly change them; GPU figures
-are images per second of wall time, synchronised.
+default), so that other jobs on a shared machine, which stretch the wall time, change them less; GPU figures
+are images per second of wall time, synchronised. A fresh batch of 432 float images at 288x144 is 216 MB, and
+glibc maps every allocation above 32 MB anew, so each batch is page-faulted in again (kernel time, counted):
+--malloc-reuse keeps freed memory in the process instead (glibc's mallopt; for train.py the same is
+MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647 in the environment), for both pipelines.
 
     python bench/bench_input.py                          # SYSU and demo presets, both stages, pil and cached
     python bench/bench_input.py --input pil              # today's per-image pipeline only
     python bench/bench_input.py --presets sysu --stages 1 --device cuda
+    python bench/bench_input.py --malloc-reuse                 # without the page faults of fresh batches
 
 Timings on a shared machine are noisy: the load average is printed with the results.
 """
@@ -32,11 +36,8 @@ import sys
 import tempfile
 import time
 
-# Idle OpenMP threads otherwise spin and steal the CPU on a shared machine; large tensors come from
-# transparent huge pages (page faults on fresh 72 MB batches otherwise cost as much as the work).
-# Both must be set before torch is imported.
+# Idle OpenMP threads otherwise spin and steal the CPU on a shared machine; set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -57,14 +58,16 @@ PRESETS = {"sysu": (288, 144, 10, 12, 12, "resnet50", "paper", 8),
 
 def get_args_parser():
     p = argparse.ArgumentParser("bench_input", description=__doc__.split("\n\n")[0])
-    p.add_argument("--presets", nargs="+", choices=tuple(PRESETS), default=list(PRESETS))
+    p.add_argument("--presets", nargs="+", choices=tuple(PRESETS), default=list(PRESETS),
+                   help="sysu: 288x144, 12 x 12 pairs; demo: the synthetic preset, 64x32, 8 x 8 pairs")
     p.add_argument("--stages", nargs="+", type=int, choices=(1, 2), default=[1, 2],
                    help="augmentation stages (the demo preset's 'light' augmentation is stage two's)")
     p.add_argument("--input", nargs="+", choices=("pil", "cached"), default=["pil", "cached"],
                    help="pil: data.loader.TrainBatches; cached: data.loader.CachedTrainBatches")
-    p.add_argument("--method", choices=("mult", "mbmil"), default="mult")
+    p.add_argument("--method", choices=("mult", "mbmil"), default="mult", help="whose pipelines (mult)")
     p.add_argument("--device", type=str, default="cpu", help="device of the cached pipeline and the backbone")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads; figures are divided by them")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1); the figures count CPU time, so they stay per core")
     p.add_argument("--batches", type=int, default=3, help="timed batches per setting (after one warm-up)")
     p.add_argument("--images", type=int, default=600, help="generated source images per modality")
     p.add_argument("--source-size", type=str, default="64x128", help="WIDTHxHEIGHT of the source JPEGs")
@@ -75,7 +78,10 @@ def get_args_parser():
     p.add_argument("--cpu-backbone-pairs", type=int, default=None,
                    help="on the CPU, the backbone runs this many pairs, 3x as many images (sysu 8, demo 64)")
     p.add_argument("--no-backbone", action="store_true", help="skip the backbone measurement")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--malloc-reuse", action="store_true",
+                   help="glibc: serve allocations up to 1 GB from the heap and keep freed memory (no page faults "
+                        "on every fresh batch; both pipelines)")
+    p.add_argument("--seed", type=int, default=0, help="sources, index batches and augmentation draws")
     return p
 
 
@@ -179,7 +185,18 @@ def time_backbone(arch, height, width, pairs, iters, device):
     return 3 * pairs / (sum(timed) / len(timed))
 
 
+def malloc_reuse():
+    """glibc mallopt: M_MMAP_THRESHOLD (-3) 1 GB, M_TRIM_THRESHOLD (-1) 2 GB: big blocks come from the heap and
+    stay in the process when freed, so the next batch reuses pages already mapped."""
+    import ctypes
+    libc = ctypes.CDLL("libc.so.6")
+    if not (libc.mallopt(-3, 1 << 30) and libc.mallopt(-1, (1 << 31) - 1)):
+        raise OSError("mallopt failed (not glibc?); run without --malloc-reuse")
+
+
 def main(args):
+    if args.malloc_reuse:
+        malloc_reuse()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     size = tuple(int(v) for v in args.source_size.lower().split("x"))
@@ -243,8 +260,10 @@ def format_row(r):
 
 def print_table(rows, args):
     load = os.getloadavg()
-    print(f"\nimages/s per core, CPU time ({args.threads} thread(s); load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}); "
-          "a part's figure counts the images of that part alone (decode: both modalities; plan: pairs)")
+    reuse = ", --malloc-reuse" if args.malloc_reuse else ""
+    print(f"\nimages/s per core, CPU time ({args.threads} thread(s){reuse}; load average "
+          f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}); a part's figure counts the images of that part alone "
+          "(decode: both modalities; plan: pairs)")
     print("| preset | stage | input | device | whole batch | decode or plan | v0 | v1 | r | backbone fwd+bwd |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -17,8 +17,9 @@ inside a rectangle is > 0, and the loop ends when min(M) <= tmin, M the product 
    M lives on that grid (at most (2K+1)^2 cells), and each cell's maximum of x is the cell's maximum of the
    uint8 image, through the same float divisions and multiplications: both are monotone, so the maximum of
    x over a rectangle (the m of the next step) is exact;
-3. the loop runs on the grid, all images together, finds each image's stopping rectangle, and rewinds its
-   generator to the state saved there; images still running draw 2x more rectangles and repeat.
+3. the loop runs on the grid, all images in step, finds each image's stopping rectangle, and rewinds its
+   generator to the state saved there; images still running draw 8 more rectangles and repeat; one still
+   running after 64 (an all-black crop never stops) runs the per-image loop itself.
 The resulting M (with its grid) is the per-image loop's mask bit for bit; data/batched.py multiplies.
 """
 import math
@@ -28,8 +29,6 @@ import numpy as np
 import torch
 
 import data.transforms as T
-
-CJ_OPS = ("brightness", "contrast", "saturation", "hue")   # ColorJitter's factor order
 
 
 @dataclass

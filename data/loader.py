@@ -11,6 +11,10 @@ and np.random.default_rng([seed, b, j, 1]) for the infrared image. A batch is th
 function of (seed, b, the index rows): it does not depend on the DataLoader's worker count or
 on what ran before, and a resumed run rebuilds the same batches.
 Use with DataLoader(dataset, batch_size=None, num_workers=n).
+
+CachedTrainBatches gives the same batches (the same keys, the same draws from the same generators) from the
+decode-once caches of data/cache.py, each view augmented as one batch on the training device by
+data/batched.py, with its parameters from data/draws.py; use it with cached_loader(dataset, num_workers=n).
 """
 import time
 
@@ -18,6 +22,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from data import draws
+from data.batched import augment_view, crop, jitter_sequences
+from data.cache import ImageCache
 from data.common import ImageList, read_image
 
 
@@ -144,8 +151,6 @@ class CachedTrainBatches(Dataset):
     """
 
     def __init__(self, vis, ir, transforms, batches, seed, device="cpu"):
-        from data.cache import ImageCache
-        from data.draws import parse_recipe
         for name, cache in (("vis", vis), ("ir", ir)):
             if not isinstance(cache, ImageCache):
                 raise TypeError(f"{name} must be a data.cache.ImageCache (data.cache.build_cache), "
@@ -154,7 +159,7 @@ class CachedTrainBatches(Dataset):
         if not isinstance(transforms, dict) or not all(k in transforms for k in keys):
             raise ValueError(f"transforms must be a dict with pipelines under 'v0', 'v1' and 'r' "
                              f"(data.transforms.train_transforms), got {transforms!r}")
-        self.recipes = {k: parse_recipe(transforms[k]) for k in keys}
+        self.recipes = {k: draws.parse_recipe(transforms[k]) for k in keys}
         for key, rec in self.recipes.items():
             cache = ir if key == "r" else vis
             size = (cache.height, cache.width, cache.interpolation)
@@ -208,7 +213,6 @@ class CachedTrainBatches(Dataset):
         return times
 
     def _augment_view(self, key, view, n):
-        from data.batched import augment_view
         rec, dev = self.recipes[key], self.device
         mean, std = torch.tensor(rec.mean, device=dev), torch.tensor(rec.std, device=dev)
         fill = rec.erase.fill.to(dev) if rec.erase is not None else torch.zeros(3, device=dev)
@@ -256,8 +260,6 @@ def _plan_view(rec, cache, rows, rngs):
     in order; one with ColorJitter crops colour images whole and grey images (three equal channels, where
     PIL's saturation and hue change nothing) as one channel, each sorted by jitter order; one with neither
     crops each image's kept channels only (one for ChannelExchange and ChannelAdapGray's channel draw)."""
-    from data import draws
-    from data.batched import crop, jitter_sequences
     n = len(rows)
     heads = [draws.draw_head(rec, rng) for rng in rngs]
     top = torch.tensor([h[0] for h in heads], dtype=torch.int64)
