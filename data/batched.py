@@ -93,8 +93,9 @@ def jitter_sequences(order, factors, grey):
 def color_jitter_(x, seqs, factors):
     """Brightness, contrast, saturation and hue of each image in the order of seqs, in place.
 
-    x: float [n, 3, H, W] in [0, 1]; seqs: from jitter_sequences, images with equal sequences consecutive
-    (sort by them first); factors: float [n, 4] on x's device (hue as drawn, in [-0.5, 0.5]).
+    x: float [n, C, H, W] in [0, 1], C = 3, or 1 for grey images (brightness and contrast only); seqs: from
+    jitter_sequences, images with equal sequences consecutive (sort by them first), one group of images a
+    call per adjustment; factors: float [n, 4] on x's device (hue as drawn, in [-0.5, 0.5]).
     """
     start = 0
     while start < len(seqs):

@@ -146,8 +146,10 @@ def test_head_and_tail_draws_consume_like_the_steps():
     for method in ("mult", "mbmil"):
         for stage in (1, 2):
             pipes = T.train_transforms(H, W, stage, method, pad=PAD)
-            for key in ("v1", "r"):
+            for key in ("v0", "v1", "r"):
                 rec = D.parse_recipe(pipes[key])
+                if rec.linear is not None:               # data-dependent: test_linear_transform_masks_and_draws
+                    continue
                 for seed in range(20):
                     ref, ours = np.random.default_rng(seed), np.random.default_rng(seed)
                     pipes[key](img, ref)
