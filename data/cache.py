@@ -120,7 +120,9 @@ def build_cache(images, height, width, interpolation="bilinear", path=None, work
         os.replace(tmp, path)
         _write_key(path, header, keys, flags)
         why = "built" if stored is None else "rebuilt (another size, interpolation or list of images)"
-        summary = f"image cache {path}: {why}, {len(images)} images, {shape[0] * 3 * height * width / 1e9:.2f} GB"
+        size = shape[0] * 3 * height * width
+        size = f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+        summary = f"image cache {path}: {why}, {len(images)} images, {size}"
     pixels = np.memmap(path, dtype=np.uint8, mode="c", shape=shape)   # copy-on-write: the file is never written
     return ImageCache(torch.from_numpy(pixels), flags, list(images.paths), height, width, interpolation, path,
                       summary)

@@ -327,8 +327,9 @@ def _after_head(pipe, seed):
     return rng
 
 
-def test_workers_and_the_device_split_do_not_change_a_batch(tiny):
-    cache_vis, cache_ir = caches(tiny, "bilinear")
+def test_workers_and_the_device_split_do_not_change_a_batch(tiny, tmp_path):
+    cache_vis = build_cache(tiny[0], H, W, path=str(tmp_path / "vis.u8"), progress=False)   # memory-mapped
+    cache_ir = build_cache(tiny[1], H, W, progress=False)
     tfm = T.train_transforms(H, W, 1, pad=PAD)
     data = CachedTrainBatches(cache_vis, cache_ir, tfm, batches_of(4, count=3), seed=21)
     runs = [list(cached_loader(data, num_workers=n)) for n in (0, 2)]
