@@ -1,0 +1,362 @@
+"""The decode-once cache and the batched augmentation against the per-image pipeline of data/transforms.py.
+
+Identical where the operation is the same (pad + crop + flip, ToTensor, Normalize, erasing, ChannelExchange,
+ChannelAdapGray, LinearTransform's rectangles, draws and mask); within stated bounds where the arithmetic differs
+(ColorJitter in float32 against PIL's uint8; LinearTransform's x0 * M against its region-by-region products).
+"""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch.utils.data import DataLoader
+
+import data.transforms as T
+from data import batched as B
+from data import draws as D
+from data.cache import build_cache, decode_resized
+from data.common import IR, VIS, ImageList
+from data.loader import CachedTrainBatches, TrainBatches, _Augmented, _Plans, cached_loader
+
+H, W, PAD = 32, 16, 2
+
+
+def picture(seed, size=(24, 48), grey=False, dark=False):
+    """A smooth random RGB PIL image (w, h); grey: three equal channels; dark: a black patch (exact zeros)."""
+    rng = np.random.default_rng(seed)
+    base = Image.fromarray((rng.random((6, 4, 3)) * 255).astype(np.uint8)).resize(size, Image.BILINEAR)
+    arr = np.asarray(base, dtype=np.float32) + rng.normal(0, 8, (size[1], size[0], 3))
+    if dark:
+        arr[size[1] // 4:size[1] // 4 + size[1] // 2, :size[0] // 2] = 0
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    return img.convert("L").convert("RGB") if grey else img
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """20 visible and 20 infrared JPEGs, a quarter of them with a black patch; RAM caches of both."""
+    root = tmp_path_factory.mktemp("images")
+    lists = []
+    for modality, grey in ((VIS, False), (IR, True)):
+        paths = []
+        for i in range(20):
+            path = str(root / f"{modality}_{i:02d}.jpg")
+            picture(100 * modality + i, grey=grey, dark=i % 4 == 0).save(path, quality=90)
+            paths.append(path)
+        lists.append(ImageList(paths, np.arange(20) % 5, np.full(20, 1 + 2 * modality), modality))
+    return lists
+
+
+def caches(tiny, interpolation):
+    return [build_cache(images, H, W, interpolation, progress=False) for images in tiny]
+
+
+def batches_of(seed, count=2, size=16):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 20, (count, size, 2)).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decode once
+
+def test_cache_rows_are_the_pipelines_resize(tiny, tmp_path):
+    vis, ir = tiny
+    for interpolation in ("bilinear", "bicubic"):
+        ram = build_cache(vis, H, W, interpolation, progress=False)
+        disk = build_cache(vis, H, W, interpolation, path=str(tmp_path / f"vis_{interpolation}.u8"), progress=False)
+        for i, path in enumerate(vis.paths):
+            pil = np.asarray(T.Resize(H, W, interpolation)(Image.open(path).convert("RGB"))).transpose(2, 0, 1)
+            assert np.array_equal(ram.images[i].numpy(), pil)
+            assert np.array_equal(disk.images[i].numpy(), decode_resized(path, H, W, interpolation))
+    grey = build_cache(ir, H, W, progress=False)
+    assert bool(grey.grey.all()) and not bool(ram.grey.any())
+    zeros = [(ram.images[i] == 0).sum(dim=(1, 2)).tolist() for i in range(len(vis))]
+    assert ram.zeros.tolist() == zeros and ram.zeros[0].min() > ram.zeros[1].max()   # image 0 has a black patch
+
+
+def test_cache_file_reused_refreshed_and_checked(tiny, tmp_path):
+    vis, _ = tiny
+    folder = tmp_path / "set"
+    folder.mkdir()
+    paths = []
+    for i, src in enumerate(vis.paths[:6]):
+        paths.append(str(folder / f"{i}.jpg"))
+        Image.open(src).save(paths[-1], quality=90)
+    images = ImageList(paths, np.zeros(6), np.ones(6), VIS)
+    path = str(tmp_path / "run" / "vis.u8")
+    first = build_cache(images, H, W, path=path, progress=False)
+    assert "built" in first.summary and os.path.isfile(path + ".json")
+    again = build_cache(images, H, W, path=path, progress=False)
+    assert "reused (6 images" in again.summary and torch.equal(again.images, first.images)
+    # a changed file (new content, size and mtime): that row is decoded again, and the summary names it
+    picture(999, size=(30, 40)).save(paths[2], quality=80)
+    changed = build_cache(images, H, W, path=path, progress=False)
+    assert "1 changed files decoded again" in changed.summary and paths[2] in changed.summary
+    assert np.array_equal(changed.images[2].numpy(), decode_resized(paths[2], H, W))
+    assert torch.equal(changed.images[:2], first.images[:2])
+    current = build_cache(images, H, W, path=path, progress=False)
+    assert "reused" in current.summary                                              # the key was updated
+    # a spawned worker gets the file's path, not its pixels
+    clone = pickle.loads(pickle.dumps(current))
+    assert torch.equal(clone.images, current.images) and len(pickle.dumps(current)) < current.images.numel()
+    # another size is another cache; a missing file is an error that names it
+    assert "rebuilt" in build_cache(images, H + 4, W, path=path, progress=False).summary
+    os.remove(paths[4])
+    with pytest.raises(FileNotFoundError, match="4.jpg"):
+        build_cache(images, H, W, path=path, progress=False)
+
+
+def test_cache_bad_arguments(tiny):
+    vis, _ = tiny
+    for kwargs, text in ((dict(height=0), "height"), (dict(interpolation="nearest"), "interpolation"),
+                         (dict(workers=-1), "workers")):
+        args = {**dict(height=H, width=W, interpolation="bilinear", workers=0), **kwargs}
+        with pytest.raises(ValueError, match=text):
+            build_cache(vis, **args)
+    with pytest.raises(TypeError, match="ImageList"):
+        build_cache(vis.paths, H, W)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Steps, one by one, against the per-image steps on the same draws
+
+@pytest.mark.parametrize("height,width,pad", [(32, 16, 2), (30, 18, 3)])   # 18: not a multiple of 4 bytes
+def test_crop_is_pad_crop_flip(height, width, pad):
+    imgs = [picture(s, size=(width, height)) for s in range(8)]
+    src = torch.from_numpy(np.stack([np.asarray(i).transpose(2, 0, 1) for i in imgs]))
+    rng = np.random.default_rng(0)
+    rows = torch.from_numpy(rng.integers(0, 8, 12))
+    top, left = (torch.from_numpy(rng.integers(0, 2 * pad + 1, 12)) for _ in range(2))
+    flip = torch.from_numpy(rng.random(12) < 0.5)
+    channels = torch.from_numpy(rng.integers(0, 3, 12))
+    full, one = B.crop(src, rows, top, left, flip, pad), B.crop(src, rows, top, left, flip, pad, channels)
+    for j in range(12):
+        ref = TF.crop(TF.pad(imgs[rows[j]], pad, fill=0), int(top[j]), int(left[j]), height, width)
+        ref = np.asarray(TF.hflip(ref) if flip[j] else ref).transpose(2, 0, 1)
+        assert np.array_equal(full[j].numpy(), ref)
+        assert np.array_equal(one[j, 0].numpy(), ref[channels[j]])
+
+
+def test_head_and_tail_draws_consume_like_the_steps():
+    """Without LinearTransform, the draws of a view are those of its Compose, call for call."""
+    img = picture(0, size=(W, H))
+    for method in ("mult", "mbmil"):
+        for stage in (1, 2):
+            pipes = T.train_transforms(H, W, stage, method, pad=PAD)
+            for key in ("v0", "v1", "r"):
+                rec = D.parse_recipe(pipes[key])
+                if rec.linear is not None:               # data-dependent: test_linear_transform_masks_and_draws
+                    continue
+                for seed in range(20):
+                    ref, ours = np.random.default_rng(seed), np.random.default_rng(seed)
+                    pipes[key](img, ref)
+                    D.draw_head(rec, ours)
+                    D.draw_tail(rec, ours)
+                    assert ref.bit_generator.state == ours.bit_generator.state
+
+
+def mask_loop(lt, x, rng):
+    """LinearTransform's loop written out, returning its mask M as well (the reference for the masks)."""
+    x, mask = x.clone(), torch.ones_like(x)
+    if rng.random() > lt.p:
+        return x, mask
+    for _ in range(lt.max_iter):
+        rect = T._draw_rectangle(x.shape[1], x.shape[2], rng, lt.area, lt.ratio)
+        if rect is None:
+            continue
+        top, left, h, w = rect
+        region = x[:, top:top + h, left:left + w]
+        peak = region.amax(dim=(1, 2))
+        positive = peak > 0
+        b = torch.ones_like(peak)
+        if int(positive.sum()):
+            b[positive] = torch.from_numpy(rng.beta(0.5, 0.5, size=int(positive.sum()))).float()
+        peak = torch.where(positive, peak, torch.ones_like(peak))
+        region.div_(peak[:, None, None]).mul_(b[:, None, None])
+        mask[:, top:top + h, left:left + w].mul_((b / peak)[:, None, None])
+        if mask.min() <= lt.tmin:
+            break
+    return x, mask
+
+
+@pytest.mark.parametrize("height,width,pad,max_iter", [(36, 18, 2, 1000), (48, 24, 1, 1000), (36, 18, 2, 6)])
+def test_linear_transform_masks_and_draws(height, width, pad, max_iter):
+    """Rectangles, Beta draws, stop and mask M bit for bit; x0 * M within float rounding of the loop's x."""
+    lt = T.LinearTransform(p=0.9, max_iter=max_iter)
+    imgs = [picture(s, size=(width, height), dark=s % 3 == 0) for s in range(24)]
+    imgs.append(Image.new("RGB", (width, height)))                              # all zero: never stops
+    src = torch.from_numpy(np.stack([np.asarray(i).transpose(2, 0, 1) for i in imgs]))
+    n = len(imgs)
+    rng = np.random.default_rng(1)
+    top, left = (torch.from_numpy(rng.integers(0, 2 * pad + 1, n)) for _ in range(2))
+    flip = torch.from_numpy(rng.random(n) < 0.5)
+    crops = B.crop(src, torch.arange(n), top, left, flip, pad)
+    rngs = [np.random.default_rng([5, j]) for j in range(n)]
+    gate = [not r.random() > lt.p for r in rngs]
+    zeros = (src == 0).sum(dim=(2, 3))
+    masks = D.resolve_linear(lt, crops, gate, rngs, zeros, pad, first=4, more=3)   # several rounds
+    x0 = B.to_tensor(crops)
+    ours = B.linear_(x0.clone(), masks)
+    m_ours = B.linear_(torch.ones_like(x0), masks)
+    for j in range(n):
+        ref_rng = np.random.default_rng([5, j])
+        x_ref, m_ref = mask_loop(lt, x0[j], ref_rng)
+        assert torch.equal(m_ours[j], m_ref)                                     # the mask, bit for bit
+        assert ref_rng.bit_generator.state == rngs[j].bit_generator.state       # the same draws, same stop
+        real = lt(x0[j].clone(), np.random.default_rng([5, j]))                 # data.transforms itself
+        assert torch.equal(real, x_ref)
+        assert torch.allclose(ours[j], real, rtol=1e-6, atol=1e-7)            # products vs step by step
+    assert masks.steps[gate.index(False)] == 0 and masks.steps[-1] >= (1 if gate[-1] else 0)
+
+
+def test_cell_maxima_against_numpy():
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 256, (5, 3, 20, 12), dtype=np.uint8))
+    y_end = torch.tensor([[4, 9, 19, 19], [19, 19, 19, 19], [0, 1, 2, 19], [7, 15, 19, 19], [3, 4, 5, 19]])
+    x_end = torch.tensor([[5, 11, 11], [0, 10, 11], [11, 11, 11], [2, 3, 11], [6, 7, 11]])
+    got = D.cell_maxima(images, y_end, x_end)
+    for i in range(5):
+        ys = [0] + [int(e) + 1 for e in y_end[i]]
+        xs = [0] + [int(e) + 1 for e in x_end[i]]
+        for a in range(4):
+            for b in range(3):
+                if ys[a] < ys[a + 1] and xs[b] < xs[b + 1]:
+                    want = images[i, :, ys[a]:ys[a + 1], xs[b]:xs[b + 1]].amax(dim=(1, 2))
+                    assert torch.equal(got[i, :, a, b], want)
+
+
+# ColorJitter: PIL truncates to uint8 after each adjustment (up to 1/255 below the float result), rounds its
+# grey, and holds the hue in 8 bits. Measured on smooth random images (tests below, in 1/255): brightness and
+# contrast at most 1.0 (truncation); saturation at most 1.24; hue mean 0.48, 99th percentile 3.8, max 11.1.
+JITTER_BOUNDS = {0: (1.0, 0.6, 1.0), 1: (1.0, 0.6, 1.0), 2: (1.5, 0.6, 1.2), 3: (16.0, 0.7, 5.0)}   # max, mean, p99
+
+
+@pytest.mark.parametrize("op", [0, 1, 2, 3])
+def test_color_jitter_against_pil(op):
+    adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)[op]
+    rng = np.random.default_rng(op)
+    diffs = []
+    for s in range(24):
+        img = picture(s, size=(36, 72))
+        f = float(rng.uniform(-0.5, 0.5) if op == 3 else rng.uniform(0.5, 1.5))
+        ref = TF.to_tensor(adjust(img, f))
+        x = TF.to_tensor(img)[None].clone()
+        factors = torch.full((1, 4), float("nan"))
+        factors[0, op] = f
+        B.color_jitter_(x, [(op,)], factors)
+        diffs.append((x[0] - ref).abs().flatten() * 255)
+    d = torch.cat(diffs)
+    most, mean, p99 = JITTER_BOUNDS[op]
+    assert d.max() <= most + 1e-3 and d.mean() <= mean and torch.quantile(d, 0.99) <= p99
+
+
+def test_color_jitter_skips_what_pil_leaves_unchanged_on_grey():
+    grey = picture(3, size=(16, 32), grey=True)
+    for adjust in (TF.adjust_saturation, TF.adjust_hue):
+        for f in (0.3, 1.7, -0.4, 0.45):
+            if adjust is TF.adjust_hue and abs(f) > 0.5 or adjust is TF.adjust_saturation and f < 0:
+                continue
+            assert np.array_equal(np.asarray(adjust(grey, f)), np.asarray(grey))
+    order = torch.tensor([[3, 2, 1, 0], [3, 2, 1, 0]])
+    factors = torch.tensor([[1.2, 0.8, 1.1, 0.2], [1.2, float("nan"), 1.1, 0.2]])
+    seqs = B.jitter_sequences(order, factors, torch.tensor([True, False]))
+    assert seqs == [(1, 0), (3, 2, 0)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Whole batches against TrainBatches
+
+def pil_units(diff, key):
+    """A difference of normalised values in units of 1/255 of the [0, 1] image (times the channel's std)."""
+    std = torch.tensor(T.IMAGENET_STD)[None, :, None, None]
+    return diff.abs() * std * 255
+
+
+@pytest.mark.parametrize("method,stage", [("mult", 1), ("mult", 2), ("mbmil", 1), ("mbmil", 2)])
+def test_cached_batches_match_train_batches(tiny, method, stage):
+    vis, ir = tiny
+    cache_vis, cache_ir = caches(tiny, "bilinear" if method == "mult" else "bicubic")
+    tfm = T.train_transforms(H, W, stage, method, pad=PAD)
+    batches = batches_of(stage)
+    ref, ours = TrainBatches(vis, ir, tfm, batches, seed=3), CachedTrainBatches(cache_vis, cache_ir, tfm, batches, 3)
+    fill = torch.tensor(T.ERASE_FILL)
+    for b in range(len(batches)):
+        want, got = ref[b], ours[b]
+        assert set(got) == set(want)
+        assert torch.equal(got["vis_index"], want["vis_index"]) and torch.equal(got["ir_index"], want["ir_index"])
+        for key in ("v0", "v1", "r"):
+            jitter = any(isinstance(s, T.ColorJitter) for s in tfm[key].steps)
+            linear = any(isinstance(s, T.LinearTransform) for s in tfm[key].steps)
+            if not jitter and not linear:
+                assert torch.equal(got[key], want[key]), key                # the same operations, bit for bit
+                continue
+            d = pil_units(got[key] - want[key], key)
+            if linear:
+                assert d.max() < 1e-3                                        # float rounding only
+                continue
+            # ColorJitter in float32 against PIL's uint8 (measured, in 1/255: colour v1 mean 1.1-1.2, 99th
+            # percentile 4-6, max 10-15; grey r, brightness and contrast only, mean 0.8, max 2.3: PIL's two
+            # truncations); the rectangles, the channel choices and the erased pixels are the same
+            most, mean, p99 = (3.0, 1.0, 2.5) if key == "r" else (24.0, 1.5, 7.0)
+            assert d.mean() < mean and torch.quantile(d.flatten(), 0.99) < p99 and d.max() < most, key
+            erased_want = (want[key] == fill[None, :, None, None]).all(1)
+            erased_got = (got[key] == fill[None, :, None, None]).all(1)
+            assert torch.equal(erased_got, erased_want)
+            if key == "v1":
+                assert torch.equal(got[key][:, 0], got[key][:, 1]) and torch.equal(got[key][:, 1], got[key][:, 2])
+
+
+def test_every_channel_branch_is_exercised(tiny):
+    """ChannelAdapGray's four outcomes (channel, grey, unchanged) all occur in a stage-two batch, bit for bit."""
+    vis, ir = tiny
+    cache_vis, cache_ir = caches(tiny, "bilinear")
+    tfm = T.train_transforms(H, W, 2, pad=PAD)
+    batches = batches_of(9, count=1, size=48)
+    got, want = CachedTrainBatches(cache_vis, cache_ir, tfm, batches, 11)[0], TrainBatches(vis, ir, tfm, batches, 11)[0]
+    assert torch.equal(got["r"], want["r"])
+    mixes = {D.draw_tail(D.parse_recipe(tfm["r"]), _after_head(tfm["r"], [11, 0, j, 1]))[1] for j in range(48)}
+    assert mixes == {-1, 0, 1, 2, 3}
+
+
+def _after_head(pipe, seed):
+    rng = np.random.default_rng(seed)
+    D.draw_head(D.parse_recipe(pipe), rng)
+    return rng
+
+
+def test_workers_and_the_device_split_do_not_change_a_batch(tiny, tmp_path):
+    cache_vis = build_cache(tiny[0], H, W, path=str(tmp_path / "vis.u8"), progress=False)   # memory-mapped
+    cache_ir = build_cache(tiny[1], H, W, progress=False)
+    tfm = T.train_transforms(H, W, 1, pad=PAD)
+    data = CachedTrainBatches(cache_vis, cache_ir, tfm, batches_of(4, count=3), seed=21)
+    runs = [list(cached_loader(data, num_workers=n)) for n in (0, 2)]
+    runs.append(list(_Augmented(data, DataLoader(_Plans(data), batch_size=None, num_workers=2))))  # GPU path
+    assert len(cached_loader(data)) == 3
+    for batches in zip(*runs):
+        for other in batches[1:]:
+            assert all(torch.equal(batches[0][k], other[k]) for k in batches[0])
+
+
+def test_bad_inputs(tiny):
+    cache_vis, cache_ir = caches(tiny, "bilinear")
+    tfm = T.train_transforms(H, W, 2, pad=PAD)
+    good = batches_of(0)
+    with pytest.raises(ValueError, match="resizes to 36x16"):
+        CachedTrainBatches(cache_vis, cache_ir, T.train_transforms(36, W, 2, pad=PAD), good, 0)
+    with pytest.raises(ValueError, match="bicubic"):
+        CachedTrainBatches(cache_vis, cache_ir, T.train_transforms(H, W, 2, "mbmil", pad=PAD), good, 0)
+    with pytest.raises(TypeError, match="ImageCache"):
+        CachedTrainBatches(cache_vis.images, cache_ir, tfm, good, 0)
+    with pytest.raises(ValueError, match="'v0', 'v1' and 'r'"):
+        CachedTrainBatches(cache_vis, cache_ir, {"v0": tfm["v0"]}, good, 0)
+    bad = good.copy()
+    bad[0, 0, 1] = 20
+    with pytest.raises(ValueError, match="infrared rows"):
+        CachedTrainBatches(cache_vis, cache_ir, tfm, bad, 0)
+    with pytest.raises(ValueError, match="step sequences"):
+        D.parse_recipe(T.test_transform(H, W))
+    with pytest.raises(IndexError):
+        CachedTrainBatches(cache_vis, cache_ir, tfm, good, 0)[2]
