@@ -39,7 +39,7 @@ import reports
 import runs
 from data import samplers, transforms
 from data.common import VIS, IR
-from data.loader import TrainBatches
+from data.loader import CachedTrainBatches, TrainBatches, cached_loader
 from model import TwoStreamNet, load_checkpoint, save_checkpoint
 
 # Dataset presets (docs/mult.md §8, §13; docs/mbmil.md §A.4). Applied first; anything given on the command line wins.
@@ -148,6 +148,9 @@ def get_args_parser():
     a("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
       help="under torchrun, BatchNorm statistics of the whole global batch (default; --no-sync-bn: each rank's share)")
     a("--dist-timeout", type=int, default=1800, help="seconds a rank waits for the others before it stops (1800)")
+    a("--input", choices=("pil", "cached"), default="pil",
+      help="training input pipeline: pil (per image, the reference) or cached (each image decoded and resized once "
+           "into a uint8 cache in the run folder, augmented in batches on --device; see README)")
     a("--workers", type=int, default=None, help="data-loading processes")
     a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a("--extract-batch", type=int, default=None, help="batch size of feature extraction")
@@ -428,13 +431,32 @@ def hybrid_memory(entries, args):
 
 def make_loader(vis, ir, batches, args, epoch, stage):
     """This rank's share of the epoch's batches as a DataLoader (contiguous positions of every global batch);
-    the augmentation of each position is seeded by (--seed, epoch, batch, global position)."""
+    the augmentation of each position is seeded by (--seed, epoch, batch, global position), the same draws
+    for --input pil and cached."""
     tfm = transforms.train_transforms(args.height, args.width, 2 if args.augment == "light" else stage,
                                       method=args.method, pad=transforms.crop_pad(args.height))
     lo, hi = distributed.share(batches.shape[1], world_of(args))
+    if args.input == "cached":
+        data = CachedTrainBatches(vis.cache, ir.cache, tfm, batches[:, lo:hi],
+                                  seed=epoch_seed(args, epoch), device=args.device, first_position=lo)
+        return cached_loader(data, num_workers=args.workers)
     data = TrainBatches(vis, ir, tfm, batches[:, lo:hi], seed=epoch_seed(args, epoch), first_position=lo)
     return DataLoader(data, batch_size=None, shuffle=False, num_workers=args.workers,
                       persistent_workers=False)
+
+
+def image_caches(vis, ir, args):
+    """The decode-once caches of the training images at the training size (memory-mapped files in the run
+    folder, reused by every epoch, rank and resume; a changed image is decoded again, a missing one named)."""
+    from data.cache import build_cache
+    interpolation = "bicubic" if args.method == "mbmil" else "bilinear"    # the training Resize of each method
+    caches = {name: build_cache(images, args.height, args.width, interpolation, workers=args.workers,
+                                path=os.path.join(args.out, "cache", f"{name}_{args.height}x{args.width}_"
+                                                                     f"{interpolation}.u8"),
+                                progress=world_of(args).main)
+              for name, images in (("vis", vis), ("ir", ir))}
+    caches["summary"] = "; ".join(caches[n].summary for n in ("vis", "ir"))
+    return caches
 
 
 def epoch_seed(args, epoch):
@@ -563,6 +585,10 @@ def train(args, world):
 
     log = runs.open_run_folder(args, plan, history, preset) if world.main else runs.NullLog()  # only now written
     log_start(log, args, preset, plan, prepared["warnings"], vis, ir, prepared["weights"], start)
+    if args.input == "cached":   # rank 0 decodes; the others read its files
+        distributed.from_rank_zero(lambda: log(image_caches(vis, ir, args)["summary"]), world)
+        caches = image_caches(vis, ir, args)
+        vis.cache, ir.cache = caches["vis"], caches["ir"]     # make_loader reads them from there
     if plan["mode"] == "fresh" and args.eval_untrained and world.main:
         untrained = run_evaluation(model, args, args.eval_trials)
         log("untrained model (reference for the learning curve):\n" + reports.format_table(untrained))

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.common import ImageList, read_image
-from data.transforms import _INTERPOLATIONS, Resize
+from .common import ImageList, read_image
+from .transforms import _INTERPOLATIONS, Resize
 
 FORMAT = "vireid-image-cache-v1"
 

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data import draws
-from data.batched import augment_view, crop, jitter_sequences
-from data.cache import ImageCache
-from data.common import ImageList, read_image
+from . import draws
+from .batched import augment_view, crop, jitter_sequences
+from .cache import ImageCache
+from .common import ImageList, read_image
 
 
 def _check_images(images, name):
@@ -147,12 +147,13 @@ class CachedTrainBatches(Dataset):
                 same calls in the same order, so each sample's crop, flip, jitter, rectangles and channels
                 are TrainBatches's
     device:     where the augmentation runs and the batch is returned
+    first_position: the global position of column 0 of `batches` (a rank's share of each batch)
     Item b: dict(v0=[B, 3, H, W], v1=[B, 3, H, W], r=[B, 3, H, W] float32, vis_index=int64 [B],
     ir_index=int64 [B]), all on `device`. An item is plan(b) (CPU: draws, uint8 crops, LinearTransform's masks;
     safe in DataLoader workers) then augment(plan) (device: data/batched.py); cached_loader splits the two.
     """
 
-    def __init__(self, vis, ir, transforms, batches, seed, device="cpu"):
+    def __init__(self, vis, ir, transforms, batches, seed, device="cpu", first_position=0):
         for name, cache in (("vis", vis), ("ir", ir)):
             if not isinstance(cache, ImageCache):
                 raise TypeError(f"{name} must be a data.cache.ImageCache (data.cache.build_cache), "
@@ -174,6 +175,7 @@ class CachedTrainBatches(Dataset):
         _check_rows(self.batches[..., 1], len(ir), "batches[..., 1] (infrared rows)")
         self.vis, self.ir, self.seed = vis, ir, _check_seed(seed)
         self.device = torch.device(device)
+        self.first = int(first_position)    # a share of the global batch: position j here is first + j there
 
     def __len__(self):
         return len(self.batches)
@@ -187,8 +189,8 @@ class CachedTrainBatches(Dataset):
             raise IndexError(f"batch {b} out of range 0..{len(self.batches) - 1}")
         b = int(b)
         pairs = self.batches[b]                                   # [B, 2]
-        rng_vis = [np.random.default_rng([self.seed, b, j]) for j in range(len(pairs))]
-        rng_ir = [np.random.default_rng([self.seed, b, j, 1]) for j in range(len(pairs))]
+        rng_vis = [np.random.default_rng([self.seed, b, self.first + j]) for j in range(len(pairs))]
+        rng_ir = [np.random.default_rng([self.seed, b, self.first + j, 1]) for j in range(len(pairs))]
         plan = {"vis_index": torch.from_numpy(pairs[:, 0].copy()), "ir_index": torch.from_numpy(pairs[:, 1].copy())}
         for key, cache, rows, rngs in (("v0", self.vis, pairs[:, 0], rng_vis), ("v1", self.vis, pairs[:, 0], rng_vis),
                                        ("r", self.ir, pairs[:, 1], rng_ir)):

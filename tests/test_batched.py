@@ -360,3 +360,26 @@ def test_bad_inputs(tiny):
         D.parse_recipe(T.test_transform(H, W))
     with pytest.raises(IndexError):
         CachedTrainBatches(cache_vis, cache_ir, tfm, good, 0)[2]
+
+
+def test_train_with_the_cached_input_resumes_on_its_cache(tmp_path):
+    """--input cached end to end: the caches are built in the run folder, a resumed run reuses them, and the
+    resumed run equals the uninterrupted one."""
+    import json
+    import train
+    from data.synthetic import render_sysu
+    root = str(tmp_path / "data")
+    render_sysu(root, num_ids=10, images_per_cam=2, height=32, width=16, seed=0)
+    tiny = ["--data-root", root, "--arch", "resnet18", "--pretrained", "none", "--height", "32", "--width", "16",
+            "--k1", "6", "--k2", "2", "--clusters", "2", "--instances", "2", "--iters", "2", "--eval-trials", "1",
+            "--eval-every", "100", "--no-eval-untrained", "--workers", "0", "--eps", "0.6", "--input", "cached",
+            "--stage-one-epochs", "1", "--augment", "paper"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    train.cli([*tiny, "--epochs", "3", "--out", str(full)])
+    assert sorted(p.name for p in (full / "cache").iterdir() if p.suffix == ".u8") == \
+        ["ir_32x16_bilinear.u8", "vis_32x16_bilinear.u8"]
+    train.cli([*tiny, "--epochs", "2", "--out", str(part)])
+    train.cli([*tiny, "--epochs", "3", "--out", str(part)])
+    assert "reused" in (part / "log.txt").read_text()
+    curve = lambda run: [x for line in open(run / "metrics.jsonl") for x in json.loads(line)["loss_per_iteration"]]
+    assert curve(full) == curve(part)
