@@ -72,6 +72,30 @@ def describe_skipped(skipped, root):
             f"{root}: {names}{', ...' if len(skipped) > 5 else ''}")
 
 
+def read_id_file(path, what="split file"):
+    """The identities of a split file: integers separated by commas on one line (the releases' form) or on
+    several lines, one per line included. A token that is not an integer, or an id listed twice, is refused
+    with its line number."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    ids, line_of = [], {}
+    with open(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            for tok in line.replace(",", " ").split():
+                if not tok.isdigit():
+                    raise ValueError(f"{path}:{lineno}: expected integer ids separated by commas "
+                                     f"(or one per line), got {tok[:40]!r} in {line.strip()[:80]!r}")
+                pid = int(tok)
+                if pid in line_of:
+                    raise ValueError(f"{path}:{lineno}: id {pid} is listed twice (first on line "
+                                     f"{line_of[pid]}); expected each id once")
+                line_of[pid] = lineno
+                ids.append(pid)
+    if not ids:
+        raise ValueError(f"{path}:1: expected comma-separated integer ids, found none")
+    return ids
+
+
 def read_image(path):
     """Decode `path` as an 8-bit, 3-channel RGB PIL image; a missing or undecodable file names itself.
 

@@ -7,7 +7,7 @@ Layout and protocol as the dataset's official code (the DEEN and AGW folders of 
 
 Layout under `root` (the folder that holds `idx/`, `test_vis/` and `test_nir/`):
     idx/train_vis.txt, idx/train_nir.txt   "<path relative to root> <integer label>" per line
-    idx/test_id.txt                         first line: comma-separated test ids
+    idx/test_id.txt                         comma-separated test ids (one line, or one per line)
     test_vis/cam{1..9}/{pid:04d}/<files>    visible test images
     test_nir/cam{1,2,4..9}/{pid:04d}/<files>   infrared test images; there is no infrared camera 3
                                             (its folder may exist, empty)
@@ -32,7 +32,7 @@ import warnings
 
 import numpy as np
 
-from .common import IR, VIS, ImageList, list_images
+from .common import IR, VIS, ImageList, list_images, read_id_file
 from .sysu import sysu_gallery_draw
 
 LLCM_TRAIN_COUNTS = {"ids": 713, "vis": 16946, "ir": 13975}
@@ -176,16 +176,8 @@ def _image_files(folder):
 
 
 def _test_ids(root):
-    """The sorted ids on the first line of idx/test_id.txt."""
-    path = os.path.join(root, "idx", "test_id.txt")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"LLCM split file not found: {path}")
-    with open(path) as f:
-        line = f.readline().strip()
-    tokens = [tok.strip() for tok in line.split(",") if tok.strip()]
-    if not tokens or not all(tok.isdigit() for tok in tokens):
-        raise ValueError(f"{path}:1: expected comma-separated integer ids, got {line[:80]!r}")
-    return sorted({int(tok) for tok in tokens})
+    """The sorted ids of idx/test_id.txt (read_id_file: one line of commas, or one id per line)."""
+    return sorted(read_id_file(os.path.join(root, "idx", "test_id.txt"), "LLCM split file"))
 
 
 def _check_root(root):

@@ -23,7 +23,7 @@ import random
 
 import numpy as np
 
-from .common import IR, VIS, ImageList, describe_skipped, list_images
+from .common import IR, VIS, ImageList, describe_skipped, list_images, read_id_file
 
 SYSU_TRAIN_COUNTS = {"ids": 395, "vis": 22258, "ir": 11909}
 VIS_CAMS = (1, 2, 4, 5)
@@ -46,28 +46,8 @@ def _check_root(root, cams):
 
 
 def _read_ids(root, name):
-    """The ids of exp/{name}: comma-separated integers on one line (the release's form) or on
-    several lines, one id per line included. A token that is not an integer, or an id listed
-    twice, is refused with its line number."""
-    path = os.path.join(root, "exp", name)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"SYSU-MM01 split file not found: {path}")
-    ids, line_of = [], {}
-    with open(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            for tok in line.replace(",", " ").split():
-                if not tok.isdigit():
-                    raise ValueError(f"{path}:{lineno}: expected integer ids separated by commas "
-                                     f"(or one per line), got {tok[:40]!r} in {line.strip()[:80]!r}")
-                pid = int(tok)
-                if pid in line_of:
-                    raise ValueError(f"{path}:{lineno}: id {pid} is listed twice (first on line "
-                                     f"{line_of[pid]}); expected each id once")
-                line_of[pid] = lineno
-                ids.append(pid)
-    if not ids:
-        raise ValueError(f"{path}:1: expected comma-separated integer ids, found none")
-    return ids
+    """The ids of exp/{name} (read_id_file: one line of commas, or one id per line)."""
+    return read_id_file(os.path.join(root, "exp", name), "SYSU-MM01 split file")
 
 
 def _files(root, cam, pid, skipped):
