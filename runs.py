@@ -15,6 +15,7 @@ apart. Used by train.py:
 - log.txt and metrics.jsonl hold exactly the checkpoint's epochs (`open_run_folder`).
 """
 import argparse
+import atexit
 import hashlib
 import json
 import os
@@ -102,6 +103,10 @@ def plan_run(args, preset, learning_rate):
     """Decide, before anything is written, how this run starts: a dict with "mode" (fresh, resume,
     init) and the checkpoint to start from. Every refusal about the folder comes from here.
     preset: {flag: value} of the presets for this method and dataset; learning_rate(epoch, args)."""
+    holder = lock_holder(args.out)
+    if holder is not None:
+        raise SystemExit(f"train.py: error: {args.out} is being written by another run (process {holder}); wait for "
+                         f"it to finish or stop it (two runs in one folder would interleave their epochs)")
     own = os.path.join(args.out, "last.pth")
     present = [f for f in ("last.pth", "stage1.pth", "results.json") if os.path.isfile(os.path.join(args.out, f))]
     if args.resume == "none":
@@ -144,6 +149,10 @@ def open_run_folder(args, plan, history, preset):
     """Create or continue the folder: log.txt and metrics.jsonl hold exactly the checkpoint's epochs
     (lines an interrupted epoch wrote are cut), args.json the resolved flags. Returns the Log."""
     os.makedirs(args.out, exist_ok=True)
+    lock = os.path.join(args.out, LOCK)
+    with open(lock, "w") as f:          # held until this process exits (see lock_holder)
+        f.write(f"{os.getpid()}\n")
+    atexit.register(lambda: lock_holder(args.out) is None and os.path.isfile(lock) and os.remove(lock))
     if plan.get("replace"):             # --resume none --overwrite
         for name in RUN_FILES:
             if os.path.isfile(os.path.join(args.out, name)):
@@ -157,6 +166,28 @@ def open_run_folder(args, plan, history, preset):
     record = dict(vars(args), changed_from_preset={k: list(v) for k, v in changed_flags(args, preset).items()})
     write_atomic(os.path.join(args.out, "args.json"), json.dumps(record, indent=1, default=str))
     return Log(args.out)
+
+
+LOCK = ".lock"
+
+
+def lock_holder(out):
+    """The pid of another live process that holds `out`'s lock, or None (no lock, a lock of this process, or of
+    a process that has died)."""
+    try:
+        with open(os.path.join(out, LOCK)) as f:
+            pid = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    if pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
 
 
 def write_atomic(path, text):

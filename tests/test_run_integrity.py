@@ -426,3 +426,19 @@ def test_zero_feature_row_reports_its_norm():
     x[3] = 0
     with pytest.raises(ValueError, match="row 3 has norm 0 "):
         clustering.jaccard_similarity(x, 4, 2)
+
+
+def test_a_folder_another_live_run_writes_is_refused(tiny_root, tmp_path, capsys):
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    out.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(f"{other.pid}\n")
+        refused(capsys, str(out), "--data-root", tiny_root, "--out", str(out), *TINY, *TWO,
+                names=[f"process {other.pid}"])
+    finally:
+        other.kill()
+        other.wait()
+    assert cli("--data-root", tiny_root, "--out", str(out), *TINY, *TWO)[0] == 0     # a dead holder's lock is stale
