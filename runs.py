@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -149,10 +150,9 @@ def open_run_folder(args, plan, history, preset):
     """Create or continue the folder: log.txt and metrics.jsonl hold exactly the checkpoint's epochs
     (lines an interrupted epoch wrote are cut), args.json the resolved flags. Returns the Log."""
     os.makedirs(args.out, exist_ok=True)
-    lock = os.path.join(args.out, LOCK)
-    with open(lock, "w") as f:          # held until this process exits (see lock_holder)
+    with open(os.path.join(args.out, LOCK), "w") as f:    # held until release_run_folder (see lock_holder)
         f.write(f"{os.getpid()}\n")
-    atexit.register(lambda: lock_holder(args.out) is None and os.path.isfile(lock) and os.remove(lock))
+    atexit.register(release_run_folder, args.out)          # if the run never reaches its own release
     if plan.get("replace"):             # --resume none --overwrite
         for name in RUN_FILES:
             if os.path.isfile(os.path.join(args.out, name)):
@@ -169,6 +169,26 @@ def open_run_folder(args, plan, history, preset):
 
 
 LOCK = ".lock"
+
+
+@contextmanager
+def run_folder(args, plan, history, preset, main=True):
+    """The run's Log for the time of the run: `open_run_folder` and the folder's hold on entry (rank 0; the
+    other ranks get a NullLog), the hold dropped on exit, however the run ends."""
+    if not main:
+        yield NullLog()
+        return
+    try:
+        yield open_run_folder(args, plan, history, preset)
+    finally:
+        release_run_folder(args.out)
+
+
+def release_run_folder(out):
+    """Drop this process's hold on `out` (the end of a run, however it ends)."""
+    path = os.path.join(out, LOCK)
+    if lock_holder(out) is None and os.path.isfile(path):
+        os.remove(path)
 
 
 def lock_holder(out):

@@ -583,52 +583,52 @@ def train(args, world):
         model, device_ids=[torch.device(args.device).index] if args.device.startswith("cuda") else None,
         broadcast_buffers=False)                              # buffers agree by construction (global BN)
 
-    log = runs.open_run_folder(args, plan, history, preset) if world.main else runs.NullLog()  # only now written
-    log_start(log, args, preset, plan, prepared["warnings"], vis, ir, prepared["weights"], start)
-    if args.input == "cached":   # rank 0 decodes; the others read its files
-        distributed.from_rank_zero(lambda: log(image_caches(vis, ir, args)["summary"]), world)
-        caches = image_caches(vis, ir, args)
-        vis.cache, ir.cache = caches["vis"], caches["ir"]     # make_loader reads them from there
-    if plan["mode"] == "fresh" and args.eval_untrained and world.main:
-        untrained = run_evaluation(model, args, args.eval_trials)
-        log("untrained model (reference for the learning curve):\n" + reports.format_table(untrained))
-    for epoch in range(start, args.epochs):
-        t0 = time.time()
-        if args.method == "mbmil" and epoch == args.stage_one_epochs and epoch > 0:
-            optimizer = make_optimizer(model, args)  # stage two starts a fresh optimiser (§A.4)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(epoch, args)
-        step = mult_epoch if args.method == "mult" else mbmil_epoch
-        record = step(net, optimizer, vis, ir, epoch, args, log)
-        if record is None:
-            log(f"epoch {epoch}: DBSCAN found no cluster (eps {args.eps}); this epoch trains nothing and the model "
-                f"is unchanged. If this persists, raise --eps or check the features.")
-            record = {"stage": stage_of(epoch, args), "skipped": "no clusters"}
-        last = epoch == args.epochs - 1
-        if world.main and (last or (epoch + 1) % args.eval_every == 0):
-            results = run_evaluation(model, args, args.eval_trials if last else 1)
-            record["eval"] = {name: round(r["mean"]["mAP"], 2) for name, r in results.items()}
-        record.update(epoch=epoch, lr=learning_rate(epoch, args), time=round(time.time() - t0, 1))
-        history.append(record)
-        log(f"epoch {epoch} (stage {record['stage']}): " + ", ".join(
-            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
-            if k not in ("epoch", "stage", "cross_accuracy_ot", "global", "global_plain", "loss_per_iteration")))
-        if world.main:   # the checkpoint first, then the metrics line: a crash between the two leaves a line
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),   # missing, which the
-                     "scaler": optimizer.scaler.state_dict(), "epoch": epoch + 1,        # resume rewrites from
-                     "args": vars(args), "history": history, "untrained": untrained,    # the checkpoint's history,
-                     "torch_rng": torch.get_rng_state(), "results": results if last else None,   # never one twice
-                     "log_bytes": log.size()}
-            save_checkpoint(state, os.path.join(args.out, "last.pth"))
-            if epoch + 1 == args.stage_one_epochs:   # the branching point of stage-two ablations (--init-from)
-                save_checkpoint(dict(state, stage_one_end=True), os.path.join(args.out, "stage1.pth"))
-            log.metrics(record)
-    if not world.main:
-        return None
-    if results is None:  # a finished run whose checkpoint predates saved results: evaluate its final model
-        results = run_evaluation(model, args, args.eval_trials)
-    report(results, untrained, history, args, log)
-    return results
+    with runs.run_folder(args, plan, history, preset, world.main) as log:  # only now is the folder written
+        log_start(log, args, preset, plan, prepared["warnings"], vis, ir, prepared["weights"], start)
+        if args.input == "cached":   # rank 0 decodes; the others read its files
+            distributed.from_rank_zero(lambda: log(image_caches(vis, ir, args)["summary"]), world)
+            caches = image_caches(vis, ir, args)
+            vis.cache, ir.cache = caches["vis"], caches["ir"]     # make_loader reads them from there
+        if plan["mode"] == "fresh" and args.eval_untrained and world.main:
+            untrained = run_evaluation(model, args, args.eval_trials)
+            log("untrained model (reference for the learning curve):\n" + reports.format_table(untrained))
+        for epoch in range(start, args.epochs):
+            t0 = time.time()
+            if args.method == "mbmil" and epoch == args.stage_one_epochs and epoch > 0:
+                optimizer = make_optimizer(model, args)  # stage two starts a fresh optimiser (§A.4)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(epoch, args)
+            step = mult_epoch if args.method == "mult" else mbmil_epoch
+            record = step(net, optimizer, vis, ir, epoch, args, log)
+            if record is None:
+                log(f"epoch {epoch}: DBSCAN found no cluster (eps {args.eps}); this epoch trains nothing and the model "
+                    f"is unchanged. If this persists, raise --eps or check the features.")
+                record = {"stage": stage_of(epoch, args), "skipped": "no clusters"}
+            last = epoch == args.epochs - 1
+            if world.main and (last or (epoch + 1) % args.eval_every == 0):
+                results = run_evaluation(model, args, args.eval_trials if last else 1)
+                record["eval"] = {name: round(r["mean"]["mAP"], 2) for name, r in results.items()}
+            record.update(epoch=epoch, lr=learning_rate(epoch, args), time=round(time.time() - t0, 1))
+            history.append(record)
+            log(f"epoch {epoch} (stage {record['stage']}): " + ", ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+                if k not in ("epoch", "stage", "cross_accuracy_ot", "global", "global_plain", "loss_per_iteration")))
+            if world.main:   # the checkpoint first, then the metrics line: a crash between the two leaves a line
+                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),   # missing, which the
+                         "scaler": optimizer.scaler.state_dict(), "epoch": epoch + 1,        # resume rewrites from
+                         "args": vars(args), "history": history, "untrained": untrained,    # the checkpoint's history,
+                         "torch_rng": torch.get_rng_state(), "results": results if last else None,   # never one twice
+                         "log_bytes": log.size()}
+                save_checkpoint(state, os.path.join(args.out, "last.pth"))
+                if epoch + 1 == args.stage_one_epochs:   # the branching point of stage-two ablations (--init-from)
+                    save_checkpoint(dict(state, stage_one_end=True), os.path.join(args.out, "stage1.pth"))
+                log.metrics(record)
+        if not world.main:
+            return None
+        if results is None:  # a finished run whose checkpoint predates saved results: evaluate its final model
+            results = run_evaluation(model, args, args.eval_trials)
+        report(results, untrained, history, args, log)
+        return results
 
 
 def run_all_splits(args):

@@ -187,8 +187,8 @@ def test_a_failing_rank_stops_every_rank_with_a_message(root, tmp_path):
     argv = ["--data-root", root, *TINY, "--epochs", "1", "--stage-one-epochs", "1", "--out", str(tmp_path / "r"),
             "--dist-timeout", "30"]
     start = time.time()
-    codes = run_world(2, argv, dump, fail_rank=1, limit=120)
-    assert codes == [2, 2] and time.time() - start < 120
+    codes = run_world(2, argv, dump, fail_rank=1, limit=300)      # far below --dist-timeout 30 s plus start-up
+    assert codes == [2, 2] and time.time() - start < 300
     assert not os.path.exists(tmp_path / "r" / "last.pth")
 
 

@@ -442,3 +442,4 @@ def test_a_folder_another_live_run_writes_is_refused(tiny_root, tmp_path, capsys
         other.kill()
         other.wait()
     assert cli("--data-root", tiny_root, "--out", str(out), *TINY, *TWO)[0] == 0     # a dead holder's lock is stale
+    assert not (out / ".lock").exists()                                            # released when the run ends
