@@ -5,12 +5,12 @@ Protocol of MULT (He et al., IJCV 2024; docs/mult.md §9), which MBMIL (Wang et 
 each image's eval feature and its horizontal flip's are averaged and L2-normalised again (9.1); the
 distance is squared Euclidean in float64 (9.2); the ranking is NumPy's default argsort; AP, INP and
 the CMC as (9.3)-(9.5). Queries without a correct match are left out of every average, as officially.
-- SYSU-MM01 (Wu et al., "RGB-Infrared Cross-Modality Person Re-Identification", ICCV 2017; mult.md §9):
+- SYSU-MM01 (Wu et al., "RGB-Infrared Cross-Modality Person Re-Identification", ICCV 2017; docs/mult.md §9):
   query = every IR test image (cams 3 and 6); gallery = one visible image per (identity, camera) drawn
   with seed `trial` (all-search cams 1, 2, 4, 5; indoor-search cams 1, 2), 10 draws; a cam-3 query never
   sees cam-2 gallery images; the CMC counts distinct identities.
 - RegDB (Nguyen et al., "Person Recognition System Based on a Combination of Body Images from Visible
-  Light and Thermal Cameras", Sensors 2017; mult.md §9): visible->thermal and thermal->visible on the
+  Light and Thermal Cameras", Sensors 2017; docs/mult.md §9): visible->thermal and thermal->visible on the
   test half of split t; one model per split.
 - LLCM (Zhang & Wang, "Diverse Embedding Expansion Network and Low-Light Cross-Modality Benchmark for
   Visible-Infrared Person Re-identification", CVPR 2023; docs/llcm.md §3-§4, its official evaluation):
