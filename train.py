@@ -585,9 +585,11 @@ def train(args, world):
 
     with runs.run_folder(args, plan, history, preset, world.main) as log:  # only now is the folder written
         log_start(log, args, preset, plan, prepared["warnings"], vis, ir, prepared["weights"], start)
-        if args.input == "cached":   # rank 0 decodes; the others read its files
-            distributed.from_rank_zero(lambda: log(image_caches(vis, ir, args)["summary"]), world)
-            caches = image_caches(vis, ir, args)
+        if args.input == "cached":   # rank 0 decodes once; then the others open its files
+            built = {}
+            distributed.from_rank_zero(lambda: log(built.setdefault("caches", image_caches(vis, ir, args))["summary"]),
+                                       world)
+            caches = built.get("caches") or image_caches(vis, ir, args)
             vis.cache, ir.cache = caches["vis"], caches["ir"]     # make_loader reads them from there
         if plan["mode"] == "fresh" and args.eval_untrained and world.main:
             untrained = run_evaluation(model, args, args.eval_trials)

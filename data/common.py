@@ -109,7 +109,7 @@ def read_image(path):
             if img.mode.startswith("I"):
                 return _sixteen_bit_to_rgb(img, path)
             if img.mode == "F":
-                raise ValueError(f"floating-point pixels (mode F)")
+                raise ValueError("floating-point pixels (mode F)")
             return img.convert("RGB")
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {path}") from None
