@@ -35,7 +35,8 @@ from model import load_checkpoint
 # Flags that cannot change what a run computes or reports: they may differ between a run and its resume.
 RUNTIME_FLAGS = frozenset({"out", "resume", "overwrite", "init_from", "check_images", "workers", "device",
                            "threads", "extract_batch", "eval_every", "eval_untrained", "select_on_test",
-                           "allow_count_mismatch", "diagnostics", "dist_timeout", "rank", "world_size"})
+                           "allow_count_mismatch", "diagnostics", "dist_timeout", "cache_dir", "rank",
+                           "world_size"})
 # Flags that stage one never reads: a stage two may branch off a shared stage one with other values.
 STAGE_TWO_FLAGS = frozenset({"association", "oclr", "alpha", "beta", "sinkhorn_lambda", "hard_neg_k",
                              "epochs", "eval_trials", "iters", "lr_steps"})   # iters, lr_steps: compared per stage

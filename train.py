@@ -151,6 +151,9 @@ def get_args_parser():
     a("--input", choices=("pil", "cached"), default="pil",
       help="training input pipeline: pil (per image, the reference) or cached (each image decoded and resized once "
            "into a uint8 cache in the run folder, augmented in batches on --device; see README)")
+    a("--cache-dir", type=str, default=None,
+      help="folder of the --input cached image caches (default: <out>/cache); runs of one dataset may share one: "
+           "each file is named by its image list, size and interpolation, and changes no result")
     a("--workers", type=int, default=None, help="data-loading processes")
     a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a("--extract-batch", type=int, default=None, help="batch size of feature extraction")
@@ -447,12 +450,14 @@ def make_loader(vis, ir, batches, args, epoch, stage):
 
 def image_caches(vis, ir, args):
     """The decode-once caches of the training images at the training size (memory-mapped files in the run
-    folder, reused by every epoch, rank and resume; a changed image is decoded again, a missing one named)."""
-    from data.cache import build_cache
+    folder or --cache-dir, reused by every epoch, rank, resume and run of the same images; a changed image is
+    decoded again, a missing one named)."""
+    from data.cache import build_cache, cache_name
     interpolation = "bicubic" if args.method == "mbmil" else "bilinear"    # the training Resize of each method
+    folder = args.cache_dir or os.path.join(args.out, "cache")
     caches = {name: build_cache(images, args.height, args.width, interpolation, workers=args.workers,
-                                path=os.path.join(args.out, "cache", f"{name}_{args.height}x{args.width}_"
-                                                                     f"{interpolation}.u8"),
+                                path=os.path.join(folder, cache_name(name, images, args.height, args.width,
+                                                                     interpolation)),
                                 progress=world_of(args).main)
               for name, images in (("vis", vis), ("ir", ir))}
     caches["summary"] = "; ".join(caches[n].summary for n in ("vis", "ir"))
@@ -830,6 +835,8 @@ def check_flags(args):
     need(args.init_from is None or os.path.isfile(args.init_from), "--init-from", "an existing stage1.pth")
     need(not args.overwrite or args.resume == "none", "--overwrite", "used with --resume none")
     need(args.dist_timeout >= 1, "--dist-timeout", ">= 1 second")
+    need(args.cache_dir is None or not os.path.exists(args.cache_dir) or os.path.isdir(args.cache_dir),
+         "--cache-dir", "a folder (it is created if missing)")
 
 
 def cli(argv=None):

@@ -21,7 +21,12 @@ channels; the number of 0 values per channel). Opening an existing cache checks 
 - a changed file (other size or mtime) is decoded again into its row, and `cache.summary` names it;
 - another height, width, interpolation, format or list of paths means another cache: it is rebuilt whole.
 The key is written last, by an atomic rename, so an interrupted build is rebuilt on the next open.
+
+Sharing: `cache_name` names a file by its image list, size and interpolation, so runs of one dataset (an ablation
+series) can keep one cache in a common folder. Each build writes its own temporary file and renames it into place:
+two runs building the same cache at once both decode, and either's file is the right one.
 """
+import hashlib
 import json
 import os
 
@@ -82,7 +87,7 @@ def build_cache(images, height, width, interpolation="bilinear", path=None, work
     Returns an ImageCache; rows are in the order of `images`.
     """
     _check(images, height, width, interpolation, path, workers)
-    keys = [_file_key(p) for p in images.paths]                     # raises on a missing file
+    keys = [_file_key(os.path.abspath(p)) for p in images.paths]    # raises on a missing file
     header = {"format": FORMAT, "height": height, "width": width, "interpolation": interpolation,
               "count": len(images)}
     shape = (len(images), 3, height, width)
@@ -93,7 +98,7 @@ def build_cache(images, height, width, interpolation="bilinear", path=None, work
         return ImageCache(torch.from_numpy(pixels), flags, list(images.paths), height, width, interpolation, None,
                           f"image cache: decoded {len(images)} images to {height}x{width} in RAM")
     stored = _read_key(path)
-    if stored is not None and stored["header"] == header and [r[0] for r in stored["rows"]] == images.paths \
+    if stored is not None and stored["header"] == header and [r[0] for r in stored["rows"]] == [k[0] for k in keys] \
             and os.path.getsize(path) == int(np.prod(shape)):
         changed = [i for i, (row, key) in enumerate(zip(stored["rows"], keys)) if row[1:3] != key[1:3]]
         flags = [row[3:5] for row in stored["rows"]]
@@ -111,13 +116,18 @@ def build_cache(images, height, width, interpolation="bilinear", path=None, work
             summary = f"image cache {path}: reused ({len(images)} images, {height}x{width}, {interpolation})"
     else:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = path + ".tmp"
-        pixels = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)
-        flags = _decode_rows(images.paths, range(len(images)), pixels, height, width, interpolation, workers,
-                             progress)
-        pixels.flush()
-        del pixels
-        os.replace(tmp, path)
+        tmp = f"{path}.{os.getpid()}.tmp"           # this build's own: another run may build the same file
+        try:
+            pixels = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)
+            flags = _decode_rows(images.paths, range(len(images)), pixels, height, width, interpolation, workers,
+                                 progress)
+            pixels.flush()
+            del pixels
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
         _write_key(path, header, keys, flags)
         why = "built" if stored is None else "rebuilt (another size, interpolation or list of images)"
         size = shape[0] * 3 * height * width
@@ -126,6 +136,13 @@ def build_cache(images, height, width, interpolation="bilinear", path=None, work
     pixels = np.memmap(path, dtype=np.uint8, mode="c", shape=shape)   # copy-on-write: the file is never written
     return ImageCache(torch.from_numpy(pixels), flags, list(images.paths), height, width, interpolation, path,
                       summary)
+
+
+def cache_name(name, images, height, width, interpolation):
+    """File name of the cache of `images`: <name>_<H>x<W>_<interpolation>_<hash of the images' absolute
+    paths, in order>.u8; another list of images (another dataset or split) gets another file."""
+    digest = hashlib.sha1("\n".join(os.path.abspath(p) for p in images.paths).encode()).hexdigest()[:10]
+    return f"{name}_{height}x{width}_{interpolation}_{digest}.u8"
 
 
 def decode_resized(path, height, width, interpolation="bilinear"):
@@ -186,7 +203,7 @@ def _read_key(path):
 
 
 def _write_key(path, header, keys, flags):
-    tmp = path + ".json.tmp"
+    tmp = f"{path}.json.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump({"header": header, "rows": [k + f for k, f in zip(keys, flags)]}, f)
     os.replace(tmp, path + ".json")

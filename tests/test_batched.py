@@ -376,10 +376,51 @@ def test_train_with_the_cached_input_resumes_on_its_cache(tmp_path):
             "--stage-one-epochs", "1", "--augment", "paper"]
     full, part = tmp_path / "full", tmp_path / "part"
     train.cli([*tiny, "--epochs", "3", "--out", str(full)])
-    assert sorted(p.name for p in (full / "cache").iterdir() if p.suffix == ".u8") == \
-        ["ir_32x16_bilinear.u8", "vis_32x16_bilinear.u8"]
+    assert sorted(p.name.rsplit("_", 1)[0] for p in (full / "cache").iterdir() if p.suffix == ".u8") == \
+        ["ir_32x16_bilinear", "vis_32x16_bilinear"]
     train.cli([*tiny, "--epochs", "2", "--out", str(part)])
     train.cli([*tiny, "--epochs", "3", "--out", str(part)])
     assert "reused" in (part / "log.txt").read_text()
     curve = lambda run: [x for line in open(run / "metrics.jsonl") for x in json.loads(line)["loss_per_iteration"]]
     assert curve(full) == curve(part)
+
+
+def test_runs_share_a_cache_dir_and_their_results_do_not_change(tmp_path):
+    """--cache-dir: a second configuration of the same data reuses the first one's files (nothing in its run
+    folder), another dataset in the same folder gets files of its own, and a run on the shared cache trains as one
+    on its own cache."""
+    import json
+    import train
+    from data.synthetic import render_sysu
+    roots = [str(tmp_path / name) for name in ("data", "other")]
+    for seed, root in enumerate(roots):
+        render_sysu(root, num_ids=10, images_per_cam=2, height=32, width=16, seed=seed)
+    tiny = ["--arch", "resnet18", "--pretrained", "none", "--height", "32", "--width", "16", "--k1", "6", "--k2", "2",
+            "--clusters", "2", "--instances", "2", "--iters", "2", "--eval-trials", "1", "--eval-every", "100",
+            "--no-eval-untrained", "--workers", "0", "--eps", "0.6", "--input", "cached", "--epochs", "1", "--stage-one-epochs", "1",
+            "--no-check-images"]
+    shared = tmp_path / "shared"
+    train.cli([*tiny, "--data-root", roots[0], "--out", str(tmp_path / "own")])
+    train.cli([*tiny, "--data-root", roots[0], "--out", str(tmp_path / "a"), "--cache-dir", str(shared)])
+    train.cli([*tiny, "--data-root", roots[0], "--out", str(tmp_path / "b"), "--cache-dir", str(shared), "--seed", "2"])
+    assert "built" in (tmp_path / "a" / "log.txt").read_text()
+    assert "reused" in (tmp_path / "b" / "log.txt").read_text()
+    assert not (tmp_path / "a" / "cache").exists() and not (tmp_path / "b" / "cache").exists()
+    assert len(list(shared.glob("*.u8"))) == 2 and not list(shared.glob("*.tmp"))
+    curve = lambda run: [x for line in open(tmp_path / run / "metrics.jsonl")
+                         for x in json.loads(line)["loss_per_iteration"]]
+    assert curve("a") == curve("own") and curve("b") != curve("a")
+    train.cli([*tiny, "--data-root", roots[1], "--out", str(tmp_path / "c"), "--cache-dir", str(shared)])
+    assert len(list(shared.glob("*.u8"))) == 4
+
+
+def test_a_failed_build_leaves_no_temporary_file(tmp_path):
+    paths = [str(tmp_path / f"{i}.jpg") for i in range(4)]
+    for i, path in enumerate(paths):
+        picture(i).save(path)
+    with open(paths[2], "wb") as f:
+        f.write(b"not an image")
+    images = ImageList(paths, np.arange(4), np.ones(4, dtype=np.int64), VIS)
+    with pytest.raises(Exception, match="2.jpg"):
+        build_cache(images, H, W, path=str(tmp_path / "c" / "vis.u8"), progress=False)
+    assert os.listdir(tmp_path / "c") == []
