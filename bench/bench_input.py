@@ -14,13 +14,19 @@ stage, in the same run:
   tensor operation, the total of one batch on --device and each view's part;
 - the backbone (model.TwoStreamNet, pretrained='none', train mode): forward of cat(v0, v1) and r, the
   contrastive-free loss sum(f^2), backward; images/s at the preset's batch (on the CPU at most
-  8 pairs for SYSU, since 432 images of ResNet-50 at 288x144 need about 40 GB of activations).
+  8 pairs for SYSU, since 432 images of ResNet-50 at 288x144 need about 40 GB of activations);
+- the floor: a fresh float32 batch written once from uint8 images of the training size (torch.empty + copy_,
+  one conversion pass), the least any pipeline that hands the model a new float32 batch must do.
 All CPU figures are per core: images per second of this process's CPU time (--threads torch threads, 1 by
 default), so that other jobs on a shared machine, which stretch the wall time, change them less; GPU figures
 are images per second of wall time, synchronised. A fresh batch of 432 float images at 288x144 is 216 MB, and
 glibc maps every allocation above 32 MB anew, so each batch is page-faulted in again (kernel time, counted):
 --malloc-reuse keeps freed memory in the process instead (glibc's mallopt; for train.py the same is
 MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647 in the environment), for both pipelines.
+Without it, what a setting costs depends on what the process did before: glibc raises its threshold for
+mapping an allocation anew each time it frees a mapped one of up to 32 MB, so a setting that ran after the
+per-image pipeline found many of its buffers on the heap, and ran up to 3x faster than in a fresh process.
+Each setting therefore runs in a fresh process of this script (--in-one-process: all in one, in order).
 
     python bench/bench_input.py                          # SYSU and demo presets, both stages, pil and cached
     python bench/bench_input.py --input pil              # today's per-image pipeline only
@@ -82,7 +88,44 @@ def get_args_parser():
                    help="glibc: serve allocations up to 1 GB from the heap and keep freed memory (no page faults "
                         "on every fresh batch; both pipelines)")
     p.add_argument("--seed", type=int, default=0, help="sources, index batches and augmentation draws")
+    p.add_argument("--in-one-process", action="store_true",
+                   help="measure every setting in this process (default: each in a fresh one, see above)")
+    p.add_argument("--json", type=str, default=None, help=argparse.SUPPRESS)   # a fresh process's rows
     return p
+
+
+def isolated(args):
+    """Every (preset, stage, input) measured by a fresh process of this script, its rows collected; the
+    backbone is measured by the first process of each preset only."""
+    import json
+    import subprocess
+    rows = []
+    flags = ["--method", args.method, "--device", args.device, "--threads", str(args.threads), "--batches",
+             str(args.batches), "--images", str(args.images), "--source-size", args.source_size, "--seed",
+             str(args.seed), "--backbone-iters", str(args.backbone_iters), "--in-one-process"]
+    flags += ["--arch", args.arch] if args.arch else []
+    flags += ["--cpu-backbone-pairs", str(args.cpu_backbone_pairs)] if args.cpu_backbone_pairs else []
+    flags += ["--malloc-reuse"] if args.malloc_reuse else []
+    with tempfile.TemporaryDirectory(prefix="bench_input_rows_") as folder:
+        for preset in args.presets:
+            backbone = None
+            for stage in [2] if PRESETS[preset][6] == "light" else args.stages:
+                for mode in args.input:
+                    out = os.path.join(folder, f"{preset}_{stage}_{mode}.json")
+                    cmd = [sys.executable, os.path.abspath(__file__), *flags, "--presets", preset, "--stages",
+                           str(stage), "--input", mode, "--json", out]
+                    if backbone is not None or args.no_backbone:
+                        cmd.append("--no-backbone")
+                    subprocess.run(cmd, check=True)
+                    with open(out) as f:
+                        new = json.load(f)
+                    if backbone is None and not args.no_backbone:
+                        backbone = new[0]["backbone"]
+                    for row in new:
+                        row["backbone"] = backbone if backbone is not None else float("nan")
+                    rows += new
+    print_table(rows, args)
+    return rows
 
 
 def make_sources(folder, n, size, seed):
@@ -169,6 +212,18 @@ def time_cached(caches, tfm, batches, seed, device):
     return total, {k: v / (len(batches) - 1) for k, v in parts.items()}
 
 
+def time_floor(height, width, images, device, repeats=4):
+    """Seconds per batch of the memory floor: a fresh float32 [images, 3, H, W] written from uint8 in one pass."""
+    src = torch.randint(0, 256, (images, 3, height, width), dtype=torch.uint8, device=device)
+    torch.empty(src.shape, device=device).copy_(src)                      # warm-up
+    t = clock(device)
+    for _ in range(repeats):
+        out = torch.empty(src.shape, device=device)
+        out.copy_(src)
+        del out
+    return (clock(device) - t) / repeats
+
+
 def time_backbone(arch, height, width, pairs, iters, device):
     """Images per second of forward + backward of TwoStreamNet at `pairs` (v0, v1, r) triples."""
     model = TwoStreamNet(arch, "none").to(device).train()
@@ -195,6 +250,8 @@ def malloc_reuse():
 
 
 def main(args):
+    if not args.in_one_process:
+        return isolated(args)
     if args.malloc_reuse:
         malloc_reuse()
     torch.set_num_threads(args.threads)
@@ -229,6 +286,9 @@ def main(args):
                 backbone = time_backbone(arch, height, width, bb_pairs, args.backbone_iters, device)
                 print(f"{preset}: backbone {arch} forward+backward at {3 * bb_pairs} images: "
                       f"{backbone:.1f} images/s{' per core' if device.type == 'cpu' else ''}", flush=True)
+            floor = 3 * pairs / time_floor(height, width, 3 * pairs, device)
+            print(f"{preset}: floor, a fresh float32 batch of {3 * pairs} images written once: {floor:.0f} images/s"
+                  f"{' per core' if device.type == 'cpu' else ''}", flush=True)
             stages = [2] if augment == "light" else args.stages
             for stage in stages:
                 tfm = transforms.train_transforms(height, width, stage, args.method, pad=pad)
@@ -243,11 +303,16 @@ def main(args):
                     row = {"preset": preset, "stage": "light" if augment == "light" else stage, "input": mode,
                            "device": where, "total": 3 * pairs / total,
                            **{k: (2 if k == "decode" else 1) * pairs / v for k, v in parts.items() if v > 0},
-                           "backbone": backbone}
+                           "backbone": backbone, "floor": floor}
                     rows.append(row)
                     print(format_row(row), flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+    if args.json:
+        import json
+        with open(args.json, "w") as f:
+            json.dump(rows, f)
+        return rows
     print_table(rows, args)
     return rows
 
@@ -264,17 +329,19 @@ def print_table(rows, args):
     print(f"\nimages/s per core, CPU time ({args.threads} thread(s){reuse}; load average "
           f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}); a part's figure counts the images of that part alone "
           "(decode: both modalities; plan: pairs)")
-    print("| preset | stage | input | device | whole batch | decode or plan | v0 | v1 | r | backbone fwd+bwd |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| preset | stage | input | device | whole batch | decode or plan | v0 | v1 | r | floor | backbone fwd+bwd |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         first = r.get("decode", r.get("plan", float("nan")))
         print(f"| {r['preset']} | {r['stage']} | {r['input']} | {r['device']} | **{r['total']:.0f}** | {first:.0f} | "
               f"{r.get('v0', float('nan')):.0f} | {r.get('v1', float('nan')):.0f} | {r.get('r', float('nan')):.0f} | "
-              f"{r['backbone']:.1f} |")
+              f"{r['floor']:.0f} | {r['backbone']:.1f} |")
     by_key = {(r["preset"], r["stage"], r["input"]): r["total"] for r in rows}
     for (preset, stage, mode), total in by_key.items():
         if mode == "cached" and (preset, stage, "pil") in by_key:
-            print(f"{preset} stage {stage}: cached / pil = {total / by_key[preset, stage, 'pil']:.1f}x")
+            pil = by_key[preset, stage, "pil"]
+            floor = next(r["floor"] for r in rows if (r["preset"], r["stage"]) == (preset, stage))
+            print(f"{preset} stage {stage}: cached / pil = {total / pil:.1f}x; the floor / pil = {floor / pil:.1f}x")
 
 
 if __name__ == "__main__":
