@@ -41,6 +41,9 @@ RUNTIME_FLAGS = frozenset({"out", "resume", "overwrite", "init_from", "check_ima
 STAGE_TWO_FLAGS = frozenset({"association", "oclr", "alpha", "beta", "sinkhorn_lambda", "hard_neg_k",
                              "epochs", "eval_trials", "iters", "lr_steps"})   # iters, lr_steps: compared per stage
 RUN_FILES = ("last.pth", "stage1.pth", "results.json", "metrics.jsonl", "log.txt", "args.json")
+# The value a result flag had before it existed, where that is not today's default: runs of the releases before
+# --input all trained on the per-image pipeline, which is now --input pil.
+BEFORE_THE_FLAG = {"input": "pil"}
 
 
 def result_args(args):
@@ -85,10 +88,11 @@ def describe(value):
 
 def check_same_run(saved, args, preset, path, keys, what):
     """Refuse `path` when a flag among `keys` differs from the run it was written by (naming each);
-    a flag the checkpoint predates counts as its preset value."""
+    a flag the checkpoint predates counts as the value it had then (BEFORE_THE_FLAG), else as its preset value."""
     current = result_args(args)
-    diffs = [f"--{k.replace('_', '-')} {describe(saved.get(k, preset.get(k)))} (saved) vs "
-             f"{describe(current[k])} (now)" for k in keys if saved.get(k, preset.get(k)) != current[k]]
+    was = lambda k: saved.get(k, BEFORE_THE_FLAG.get(k, preset.get(k)))
+    diffs = [f"--{k.replace('_', '-')} {describe(was(k))} (saved) vs {describe(current[k])} (now)"
+             for k in keys if was(k) != current[k]]
     if diffs:
         raise SystemExit(f"train.py: error: {path} {what}, but these flags differ: " + "; ".join(diffs) +
                          ". Run the other configuration in its own folder (drop --out for the default "

@@ -148,9 +148,9 @@ def get_args_parser():
     a("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
       help="under torchrun, BatchNorm statistics of the whole global batch (default; --no-sync-bn: each rank's share)")
     a("--dist-timeout", type=int, default=1800, help="seconds a rank waits for the others before it stops (1800)")
-    a("--input", choices=("pil", "cached"), default="pil",
-      help="training input pipeline: pil (per image, the reference) or cached (each image decoded and resized once "
-           "into a uint8 cache in the run folder, augmented in batches on --device; see README)")
+    a("--input", choices=("cached", "pil"), default="cached",
+      help="training input pipeline: cached (default: each image decoded and resized once into a uint8 cache, "
+           "augmented in batches on --device) or pil (per image, the reference); see README")
     a("--cache-dir", type=str, default=None,
       help="folder of the --input cached image caches (default: <out>/cache); runs of one dataset may share one: "
            "each file is named by its image list, size and interpolation, and changes no result")

@@ -136,6 +136,22 @@ def test_resume_refuses_changed_settings(tiny_root, tmp_path, capsys, flag, valu
     assert "Traceback" not in err
 
 
+def test_a_run_from_before_the_input_flag_resumes_only_as_pil(tiny_root, tmp_path, capsys):
+    """A checkpoint written before --input existed was trained on the per-image pipeline: resuming it with
+    today's default (cached) is refused by name; with --input pil it resumes."""
+    out = str(tmp_path / "run")
+    argv = ["--data-root", tiny_root, "--out", out, *TINY, "--epochs", "1", "--stage-one-epochs", "1"]
+    assert cli(*argv, "--input", "pil")[0] == 0
+    path = os.path.join(out, "last.pth")
+    ckpt = torch.load(path, weights_only=False)
+    del ckpt["args"]["input"]
+    torch.save(ckpt, path)
+    capsys.readouterr()
+    refused(capsys, out, *argv, "--epochs", "2", names=["--input pil (saved) vs cached (now)"])
+    assert cli(*argv, "--epochs", "2", "--input", "pil")[0] == 0
+    assert epochs_in(out) == [0, 1]
+
+
 def test_resume_refuses_fewer_epochs_than_done(tiny_root, tmp_path, capsys):
     out = str(tmp_path / "run")
     assert cli("--data-root", tiny_root, "--out", out, *TINY, *TWO)[0] == 0
