@@ -207,11 +207,11 @@ def lock_holder(out):
     if pid == os.getpid():
         return None
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)            # PermissionError: alive, another user's
     except ProcessLookupError:
         return None
     except PermissionError:
-        return pid
+        pass
     return pid
 
 

@@ -397,14 +397,14 @@ def extract(net, images, args):
     lo, hi = distributed.share(len(images), world)
     feats = evaluate.extract_features(model.modality_fn(), images.subset(np.arange(lo, hi)), args.height, args.width,
                                       device=args.device, batch_size=args.extract_batch, flip=False,
-                                      num_workers=args.workers, interpolation=test_interpolation(args),
+                                      num_workers=args.workers, interpolation=interpolation(args),
                                       desc=f"features {'vis' if images.modality == VIS else 'ir'}",
                                       progress=world.main)
     return distributed.gather_rows(feats.to(args.device), world)
 
 
-def test_interpolation(args):
-    """The resize of extraction and testing: bilinear as MULT's code, bicubic as MBMIL's."""
+def interpolation(args):
+    """The resize of training, extraction and testing: bilinear as MULT's code, bicubic as MBMIL's."""
     return "bicubic" if args.method == "mbmil" else "bilinear"
 
 
@@ -453,11 +453,9 @@ def image_caches(vis, ir, args):
     folder or --cache-dir, reused by every epoch, rank, resume and run of the same images; a changed image is
     decoded again, a missing one named)."""
     from data.cache import build_cache, cache_name
-    interpolation = "bicubic" if args.method == "mbmil" else "bilinear"    # the training Resize of each method
-    folder = args.cache_dir or os.path.join(args.out, "cache")
-    caches = {name: build_cache(images, args.height, args.width, interpolation, workers=args.workers,
-                                path=os.path.join(folder, cache_name(name, images, args.height, args.width,
-                                                                     interpolation)),
+    resize, folder = interpolation(args), args.cache_dir or os.path.join(args.out, "cache")
+    caches = {name: build_cache(images, args.height, args.width, resize, workers=args.workers,
+                                path=os.path.join(folder, cache_name(name, images, args.height, args.width, resize)),
                                 progress=world_of(args).main)
               for name, images in (("vis", vis), ("ir", ir))}
     caches["summary"] = "; ".join(caches[n].summary for n in ("vis", "ir"))
@@ -519,7 +517,7 @@ def run_evaluation(model, args, trials):
     IR->VIS and VIS->IR. Run by rank 0 alone."""
     fn = model.modality_fn()
     common = dict(height=args.height, width=args.width, device=args.device, batch_size=args.extract_batch,
-                  num_workers=args.workers, interpolation=test_interpolation(args))
+                  num_workers=args.workers, interpolation=interpolation(args))
     model.eval()
     if args.dataset == "regdb":
         return evaluate.evaluate_regdb(fn, args.data_root, args.trial, **common)
@@ -590,11 +588,12 @@ def train(args, world):
 
     with runs.run_folder(args, plan, history, preset, world.main) as log:  # only now is the folder written
         log_start(log, args, preset, plan, prepared["warnings"], vis, ir, prepared["weights"], start)
-        if args.input == "cached":   # rank 0 decodes once; then the others open its files
-            built = {}
-            distributed.from_rank_zero(lambda: log(built.setdefault("caches", image_caches(vis, ir, args))["summary"]),
-                                       world)
-            caches = built.get("caches") or image_caches(vis, ir, args)
+        if args.input == "cached":   # rank 0 decodes once; the others receive the caches by file path
+            def build_caches():
+                caches = image_caches(vis, ir, args)
+                log(caches["summary"])
+                return caches
+            caches = distributed.from_rank_zero(build_caches, world)
             vis.cache, ir.cache = caches["vis"], caches["ir"]     # make_loader reads them from there
         if plan["mode"] == "fresh" and args.eval_untrained and world.main:
             untrained = run_evaluation(model, args, args.eval_trials)

@@ -28,6 +28,13 @@ from .cache import ImageCache
 from .common import ImageList, read_image
 
 
+def sample_generator(seed, b, position, infrared=False):
+    """The generator of the pair at global `position` of batch b: both views of the visible image draw from
+    [seed, b, position], its infrared partner from [seed, b, position, 1]. TrainBatches and CachedTrainBatches
+    both draw from these, which is why their batches agree."""
+    return np.random.default_rng([seed, b, position, 1] if infrared else [seed, b, position])
+
+
 def _check_images(images, name):
     if not isinstance(images, ImageList):
         raise TypeError(f"{name} must be a data.common.ImageList, got {type(images).__name__}")
@@ -126,11 +133,11 @@ class TrainBatches(Dataset):
         v0, v1, r = [], [], []
         for j, (row_vis, row_ir) in enumerate(pairs.tolist()):   # per image: decode + augment
             img = load(self.vis.paths[row_vis])
-            rng = np.random.default_rng([self.seed, b, self.first + j])
+            rng = sample_generator(self.seed, b, self.first + j)
             v0.append(self.transforms["v0"](img, rng))
             v1.append(self.transforms["v1"](img, rng))
             r.append(self.transforms["r"](load(self.ir.paths[row_ir]),
-                                          np.random.default_rng([self.seed, b, self.first + j, 1])))
+                                          sample_generator(self.seed, b, self.first + j, infrared=True)))
         return {"v0": torch.stack(v0), "v1": torch.stack(v1), "r": torch.stack(r),
                 "vis_index": torch.from_numpy(pairs[:, 0].copy()),
                 "ir_index": torch.from_numpy(pairs[:, 1].copy())}
@@ -189,8 +196,8 @@ class CachedTrainBatches(Dataset):
             raise IndexError(f"batch {b} out of range 0..{len(self.batches) - 1}")
         b = int(b)
         pairs = self.batches[b]                                   # [B, 2]
-        rng_vis = [np.random.default_rng([self.seed, b, self.first + j]) for j in range(len(pairs))]
-        rng_ir = [np.random.default_rng([self.seed, b, self.first + j, 1]) for j in range(len(pairs))]
+        rng_vis = [sample_generator(self.seed, b, self.first + j) for j in range(len(pairs))]
+        rng_ir = [sample_generator(self.seed, b, self.first + j, infrared=True) for j in range(len(pairs))]
         plan = {"vis_index": torch.from_numpy(pairs[:, 0].copy()), "ir_index": torch.from_numpy(pairs[:, 1].copy())}
         for key, cache, rows, rngs in (("v0", self.vis, pairs[:, 0], rng_vis), ("v1", self.vis, pairs[:, 0], rng_vis),
                                        ("r", self.ir, pairs[:, 1], rng_ir)):
