@@ -379,8 +379,11 @@ def test_train_with_the_cached_input_resumes_on_its_cache(tmp_path):
     assert sorted(p.name.rsplit("_", 1)[0] for p in (full / "cache").iterdir() if p.suffix == ".u8") == \
         ["ir_32x16_bilinear", "vis_32x16_bilinear"]
     train.cli([*tiny, "--epochs", "2", "--out", str(part)])
+    stale = part / "cache" / "vis_32x16_bilinear.u8"           # the name an earlier release gave its cache
+    stale.write_bytes(b"\0" * 100)
     train.cli([*tiny, "--epochs", "3", "--out", str(part)])
-    assert "reused" in (part / "log.txt").read_text()
+    log = (part / "log.txt").read_text()
+    assert "reused" in log and f"{stale} (0.0 GB), from an earlier release" in log and stale.exists()
     curve = lambda run: [x for line in open(run / "metrics.jsonl") for x in json.loads(line)["loss_per_iteration"]]
     assert curve(full) == curve(part)
 
