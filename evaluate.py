@@ -371,25 +371,31 @@ def _check_rerank_inputs(q_g_dist, q_q_dist, g_g_dist, k1, k2, lambda_value):
 
 # ----------------------------------------------------------------------------- features
 def extract_features(model_fn, images, height, width, batch_size=64, device="cpu", flip=True,
-                     num_workers=0, desc=None, interpolation="bilinear", progress=True):
+                     num_workers=0, desc=None, interpolation="bilinear", progress=True, cache=None):
     """Test features of an ImageList (docs/mult.md (9.1)) -> float32 [N, D] on the CPU, rows in list order.
     interpolation: of the resize to height x width ("bilinear" as MULT's code; MBMIL's resizes bicubic).
+    cache: None, or a data.cache.ImageCache holding every image of `images` at that size and interpolation
+    (train.py's decode-once training cache): the images are read from it, not decoded again; the same pixels.
 
     model_fn(x [B, 3, H, W] on `device`, modality) -> [B, D] eval features; with `flip` the
     feature of the image and of its horizontal flip are averaged, then L2-normalised again.
     The caller puts its model in eval mode; this runs under torch.no_grad().
     """
     from tqdm import tqdm
-    from data.loader import ImageDataset
+    from data.loader import CachedImageDataset, ImageDataset
     from data.transforms import test_transform
     if len(images) == 0:
         raise ValueError("extract_features: `images` is empty; expected at least one image")
     if batch_size < 1:
         raise ValueError(f"extract_features: batch_size must be >= 1, got {batch_size}")
     pin = torch.device(device).type == "cuda"
-    loader = torch.utils.data.DataLoader(ImageDataset(images, test_transform(height, width, interpolation)),
-                                         batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers, pin_memory=pin)
+    transform = test_transform(height, width, interpolation)
+    if cache is None:
+        loader = torch.utils.data.DataLoader(ImageDataset(images, transform), batch_size=batch_size, shuffle=False,
+                                             num_workers=num_workers, pin_memory=pin)
+    else:                  # whole batches from the cache, the same batches as above
+        loader = torch.utils.data.DataLoader(CachedImageDataset(images, cache, transform, batch_size),
+                                             batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=pin)
     out = None
     with torch.no_grad():
         for x, index in tqdm(loader, desc=desc or "features", unit="batch", file=sys.stderr, disable=not progress):

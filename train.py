@@ -390,7 +390,8 @@ def world_of(args):
 
 def extract(net, images, args):
     """Eval features of every image of one modality, no flip (the clustering input): [N, D] on the device,
-    in row order. Each rank extracts a contiguous share of the rows; every rank gets all of them."""
+    in row order. Each rank extracts a contiguous share of the rows; every rank gets all of them. With
+    --input cached the images come from the decode-once cache (the same pixels as decoding them again)."""
     model = getattr(net, "module", net)          # the network itself, outside DistributedDataParallel
     model.eval()
     world = world_of(args)
@@ -399,7 +400,7 @@ def extract(net, images, args):
                                       device=args.device, batch_size=args.extract_batch, flip=False,
                                       num_workers=args.workers, interpolation=interpolation(args),
                                       desc=f"features {'vis' if images.modality == VIS else 'ir'}",
-                                      progress=world.main)
+                                      progress=world.main, cache=getattr(images, "cache", None))
     return distributed.gather_rows(feats.to(args.device), world)
 
 

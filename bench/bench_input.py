@@ -15,6 +15,9 @@ stage, in the same run:
 - the backbone (model.TwoStreamNet, pretrained='none', train mode): forward of cat(v0, v1) and r, the
   contrastive-free loss sum(f^2), backward; images/s at the preset's batch (on the CPU at most
   8 pairs for SYSU, since 432 images of ResNet-50 at 288x144 need about 40 GB of activations);
+- extract (`--stages extract`): the input of the clustering's feature extraction, every visible image in batches
+  of 128 through the test transform: decoded (pil: data.loader.ImageDataset) or read from the cache (cached:
+  data.loader.CachedImageDataset); images/s, without the model;
 - the floor: a fresh float32 batch written once from uint8 images of the training size (torch.empty + copy_,
   one conversion pass), the least any pipeline that hands the model a new float32 batch must do.
 All CPU figures are per core: images per second of this process's CPU time (--threads torch threads, 1 by
@@ -32,6 +35,7 @@ Each setting therefore runs in a fresh process of this script (--in-one-process:
     python bench/bench_input.py --input pil              # today's per-image pipeline only
     python bench/bench_input.py --presets sysu --stages 1 --device cuda
     python bench/bench_input.py --malloc-reuse                 # without the page faults of fresh batches
+    python bench/bench_input.py --stages extract --no-backbone  # the feature extraction's input only
 
 Timings on a shared machine are noisy: the load average is printed with the results.
 """
@@ -66,8 +70,9 @@ def get_args_parser():
     p = argparse.ArgumentParser("bench_input", description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", nargs="+", choices=tuple(PRESETS), default=list(PRESETS),
                    help="sysu: 288x144, 12 x 12 pairs; demo: the synthetic preset, 64x32, 8 x 8 pairs")
-    p.add_argument("--stages", nargs="+", type=int, choices=(1, 2), default=[1, 2],
-                   help="augmentation stages (the demo preset's 'light' augmentation is stage two's)")
+    p.add_argument("--stages", nargs="+", choices=("1", "2", "extract"), default=["1", "2", "extract"],
+                   help="augmentation stages (the demo preset's 'light' augmentation is stage two's); extract: "
+                        "the feature extraction's input (every training image, each epoch)")
     p.add_argument("--input", nargs="+", choices=("pil", "cached"), default=["pil", "cached"],
                    help="pil: data.loader.TrainBatches; cached: data.loader.CachedTrainBatches")
     p.add_argument("--method", choices=("mult", "mbmil"), default="mult", help="whose pipelines (mult)")
@@ -109,7 +114,7 @@ def isolated(args):
     with tempfile.TemporaryDirectory(prefix="bench_input_rows_") as folder:
         for preset in args.presets:
             backbone = None
-            for stage in [2] if PRESETS[preset][6] == "light" else args.stages:
+            for stage in stages_of(preset, args.stages):
                 for mode in args.input:
                     out = os.path.join(folder, f"{preset}_{stage}_{mode}.json")
                     cmd = [sys.executable, os.path.abspath(__file__), *flags, "--presets", preset, "--stages",
@@ -212,6 +217,31 @@ def time_cached(caches, tfm, batches, seed, device):
     return total, {k: v / (len(batches) - 1) for k, v in parts.items()}
 
 
+def time_extract(vis, cache, height, width, interpolation, batch=128):
+    """Images per second per core of the feature extraction's input, in batches of `batch`: decoding each
+    visible image (data.loader.ImageDataset, cache None) or reading it from the decode-once cache
+    (data.loader.CachedImageDataset); the test transform's ToTensor and Normalize either way."""
+    from torch.utils.data import DataLoader
+    from data.loader import CachedImageDataset, ImageDataset
+    tfm = transforms.test_transform(height, width, interpolation)
+    if cache is None:
+        loader = DataLoader(ImageDataset(vis, tfm), batch_size=batch, shuffle=False, num_workers=0)
+    else:
+        loader = DataLoader(CachedImageDataset(vis, cache, tfm, batch), batch_size=None, shuffle=False, num_workers=0)
+    next(iter(loader))                                                     # warm-up
+    t = clock(torch.device("cpu"))
+    for _ in loader:
+        pass
+    return len(vis) / (clock(torch.device("cpu")) - t)
+
+
+def stages_of(preset, stages):
+    """The stages measured for a preset: the demo's light augmentation is stage two's."""
+    if PRESETS[preset][6] != "light":
+        return stages
+    return (["2"] if {"1", "2"} & set(stages) else []) + (["extract"] if "extract" in stages else [])
+
+
 def time_floor(height, width, images, device, repeats=4):
     """Seconds per batch of the memory floor: a fresh float32 [images, 3, H, W] written from uint8 in one pass."""
     src = torch.randint(0, 256, (images, 3, height, width), dtype=torch.uint8, device=device)
@@ -289,8 +319,17 @@ def main(args):
             floor = 3 * pairs / time_floor(height, width, 3 * pairs, device)
             print(f"{preset}: floor, a fresh float32 batch of {3 * pairs} images written once: {floor:.0f} images/s"
                   f"{' per core' if device.type == 'cpu' else ''}", flush=True)
-            stages = [2] if augment == "light" else args.stages
-            for stage in stages:
+            for stage in stages_of(preset, args.stages):
+                if stage == "extract":
+                    for mode in args.input:
+                        row = {"preset": preset, "stage": stage, "input": mode, "device": "cpu", "backbone": backbone,
+                               "total": time_extract(vis, caches[VIS] if mode == "cached" else None, height, width,
+                                                       interpolation),
+                               "floor": floor}
+                        rows.append(row)
+                        print(format_row(row), flush=True)
+                    continue
+                stage = int(stage)
                 tfm = transforms.train_transforms(height, width, stage, args.method, pad=pad)
                 batches = index_batches(len(vis), len(ir), pairs, args.batches + 1, rng)
                 for mode in args.input:
@@ -335,7 +374,7 @@ def print_table(rows, args):
         first = r.get("decode", r.get("plan", float("nan")))
         print(f"| {r['preset']} | {r['stage']} | {r['input']} | {r['device']} | **{r['total']:.0f}** | {first:.0f} | "
               f"{r.get('v0', float('nan')):.0f} | {r.get('v1', float('nan')):.0f} | {r.get('r', float('nan')):.0f} | "
-              f"{r['floor']:.0f} | {r['backbone']:.1f} |")
+              f"{r['floor']:.0f} | {'' if r['stage'] == 'extract' else format(r['backbone'], '.1f')} |")
     by_key = {(r["preset"], r["stage"], r["input"]): r["total"] for r in rows}
     for (preset, stage, mode), total in by_key.items():
         if mode == "cached" and (preset, stage, "pil") in by_key:

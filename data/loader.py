@@ -16,6 +16,7 @@ CachedTrainBatches gives the same batches (the same keys, the same draws from th
 decode-once caches of data/cache.py, each view augmented as one batch on the training device by
 data/batched.py, with its parameters from data/draws.py; use it with cached_loader(dataset, num_workers=n).
 """
+import os
 import time
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import draws
-from .batched import augment_view, crop, jitter_sequences
+from .batched import augment_view, crop, jitter_sequences, to_tensor
 from .cache import ImageCache
 from .common import ImageList, read_image
 
@@ -93,6 +94,51 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i):
         return self.transform(read_image(self.images.paths[i])), i
+
+
+class CachedImageDataset(Dataset):
+    """ImageDataset in whole batches, read from a decode-once cache: item k -> (x float32 [b, 3, H, W], index
+    int64 [b]), images k * batch_size onward (the last batch may be shorter), ToTensor + Normalize of their
+    cached rows; use with DataLoader(dataset, batch_size=None).
+
+    images:     ImageList, [N], every path a row of `cache`
+    cache:      data.cache.ImageCache holding those images resized as `transform` resizes them
+    transform:  data.transforms.test_transform (Resize, ToTensor, Normalize): its Resize is the cache's, so
+                image i equals ImageDataset(images, transform)[i] bit for bit (the same operations on the same
+                uint8 pixels), without decoding or resizing it again
+    batch_size: images per item
+    """
+
+    def __init__(self, images, cache, transform, batch_size):
+        _check_images(images, "images")
+        if not isinstance(cache, ImageCache):
+            raise TypeError(f"cache must be a data.cache.ImageCache, got {type(cache).__name__}")
+        steps = getattr(transform, "steps", [])
+        if [type(t).__name__ for t in steps] != ["Resize", "ToTensor", "Normalize"]:
+            raise ValueError(f"transform must be data.transforms.test_transform (Resize, ToTensor, Normalize), "
+                             f"got {transform!r}")
+        size = (cache.height, cache.width, cache.interpolation)
+        if size != (*steps[0].size, steps[0].interpolation):
+            raise ValueError(f"the cache holds {size[0]}x{size[1]} {size[2]} images, but the transform resizes to "
+                             f"{steps[0].size[0]}x{steps[0].size[1]} {steps[0].interpolation}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        where = {os.path.abspath(p): i for i, p in enumerate(cache.paths)}
+        missing = [p for p in images.paths if os.path.abspath(p) not in where]
+        if missing:
+            raise ValueError(f"{len(missing)} of the {len(images)} images are not in the cache {cache}, the first "
+                             f"{missing[0]}")
+        self.rows = torch.tensor([where[os.path.abspath(p)] for p in images.paths], dtype=torch.int64)
+        self.cache, self.normalize, self.batch_size = cache, steps[2], batch_size
+
+    def __len__(self):
+        return -(-len(self.rows) // self.batch_size)
+
+    def __getitem__(self, k):
+        if not 0 <= k < len(self):
+            raise IndexError(f"batch {k} out of range 0..{len(self) - 1}")
+        index = torch.arange(k * self.batch_size, min((k + 1) * self.batch_size, len(self.rows)))
+        return self.normalize(to_tensor(self.cache.images.index_select(0, self.rows[index]))), index
 
 
 class TrainBatches(Dataset):

@@ -120,6 +120,47 @@ def test_cache_bad_arguments(tiny):
         build_cache(vis.paths, H, W)
 
 
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_features_from_the_cache_are_those_of_decoding(tiny, interpolation):
+    """Feature extraction reads the training cache: its images, and so its features, are the decoded ones
+    bit for bit, for any subset of the rows in any order."""
+    import evaluate
+    from data.loader import CachedImageDataset, ImageDataset
+    vis, _ = tiny
+    cache = build_cache(vis, H, W, interpolation, progress=False)
+    tfm = T.test_transform(H, W, interpolation)
+    part = vis.subset(np.array([7, 3, 19, 0, 12]))
+    ref, ours = ImageDataset(part, tfm), CachedImageDataset(part, cache, tfm, batch_size=2)
+    assert len(ours) == 3
+    x, index = zip(*(ours[k] for k in range(3)))
+    assert torch.equal(torch.cat(index), torch.arange(5))
+    assert torch.equal(torch.cat(x), torch.stack([ref[i][0] for i in range(5)]))
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())
+    model_fn = lambda x, modality: net(x)
+    args = dict(batch_size=3, flip=True, interpolation=interpolation, progress=False)
+    assert torch.equal(evaluate.extract_features(model_fn, part, H, W, cache=cache, **args),
+                       evaluate.extract_features(model_fn, part, H, W, **args))
+
+
+def test_cached_features_refuse_a_cache_that_does_not_hold_the_images(tiny):
+    from data.loader import CachedImageDataset
+    vis, ir = tiny
+    cache = build_cache(vis, H, W, "bilinear", progress=False)
+    with pytest.raises(ValueError, match=r"20 of the 20 images are not in the cache .*, the first .*1_00.jpg"):
+        CachedImageDataset(ir, cache, T.test_transform(H, W), 4)
+    with pytest.raises(ValueError, match="32x16 bilinear images, but the transform resizes to 32x16 bicubic"):
+        CachedImageDataset(vis, cache, T.test_transform(H, W, "bicubic"), 4)
+    with pytest.raises(ValueError, match="test_transform"):
+        CachedImageDataset(vis, cache, T.train_transforms(H, W, 2)["v0"], 4)
+    with pytest.raises(TypeError, match="ImageCache"):
+        CachedImageDataset(vis, vis, T.test_transform(H, W), 4)
+    with pytest.raises(ValueError, match="batch_size"):
+        CachedImageDataset(vis, cache, T.test_transform(H, W), 0)
+    with pytest.raises(IndexError):
+        CachedImageDataset(vis, cache, T.test_transform(H, W), 8)[3]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Steps, one by one, against the per-image steps on the same draws
 
@@ -386,6 +427,25 @@ def test_train_with_the_cached_input_resumes_on_its_cache(tmp_path):
     assert "reused" in log and f"{stale} (0.0 GB), from an earlier release" in log and stale.exists()
     curve = lambda run: [x for line in open(run / "metrics.jsonl") for x in json.loads(line)["loss_per_iteration"]]
     assert curve(full) == curve(part)
+
+
+def test_cached_and_pil_input_train_the_same_model_where_their_steps_agree(tmp_path):
+    """With the stage-two augmentation throughout (--augment light), every step of the batched pipeline and the
+    cached feature extraction is bit for bit the per-image one: the two inputs give the same run."""
+    import json
+    import train
+    from data.synthetic import render_sysu
+    root = str(tmp_path / "data")
+    render_sysu(root, num_ids=10, images_per_cam=2, height=32, width=16, seed=0)
+    tiny = ["--data-root", root, "--arch", "resnet18", "--pretrained", "none", "--height", "32", "--width", "16",
+            "--k1", "6", "--k2", "2", "--clusters", "2", "--instances", "2", "--iters", "2", "--eval-trials", "1",
+            "--eval-every", "100", "--no-eval-untrained", "--workers", "0", "--eps", "0.6", "--epochs", "2",
+            "--stage-one-epochs", "1", "--augment", "light", "--no-check-images"]
+    for name in ("cached", "pil"):
+        train.cli([*tiny, "--input", name, "--out", str(tmp_path / name)])
+    record = lambda run: [{k: v for k, v in json.loads(line).items() if k != "time"}
+                          for line in open(tmp_path / run / "metrics.jsonl")]
+    assert record("cached") == record("pil") and len(record("pil")) == 2
 
 
 def test_runs_share_a_cache_dir_and_their_results_do_not_change(tmp_path):
