@@ -7,23 +7,16 @@ loops over images. Shapes: B images of H x W; uint8 crops [B, C, H, W] (C = 3, o
 channel); views float32 [B, 3, H, W].
 
 Against the per-image pipeline (tests/test_batched.py checks each):
-- pad + crop + flip, ToTensor, Normalize, random erasing, ChannelExchange, ChannelAdapGray: the same operations
-  on the same values, bit for bit (a stage-two batch equals TrainBatches's).
+- pad + crop + flip, ColorJitter, ToTensor, Normalize, random erasing, ChannelExchange, ChannelAdapGray: the same
+  operations on the same values, bit for bit (a batch of MBMIL's pipelines, or of MULT's stage two, equals
+  TrainBatches's). ColorJitter runs before ToTensor on the 8-bit values, with PIL's own arithmetic: its blends
+  in float32 truncated to integers, its integer grey, its 8-bit HSV (color_jitter_).
 - LinearTransform: rectangles, Beta draws, stopping step and mask M are the per-image loop's, bit for bit
   (data/draws.py); the image is x0 * M in one product where the loop divides and multiplies region by region,
   so values agree to float32 rounding (1e-6 relative).
-- ColorJitter: the per-image pipeline adjusts the PIL image, and PIL truncates to uint8 after each adjustment,
-  uses an integer grey (L = (19595 R + 38470 G + 7471 B + 2^15) >> 16) and an 8-bit HSV; here the same formulas
-  run in float32 on [0, 1] without the intermediate rounding: the grey 0.299 R + 0.587 G + 0.114 B, contrast's
-  mean grey rounded to an 8-bit level as PIL rounds it, the hue turned by PIL's own step, int(255 h) / 255.
-  Measured against PIL, in 1/255: brightness and contrast at most 1 (the truncation), saturation at most 1.24,
-  hue mean 0.48, 99th percentile 3.8, max 11 (low-saturation pixels, where 8-bit HSV is coarse); a whole
-  visible view after ChannelExchange mean 1.1-1.2, 99th percentile 4-6, max 10-15; a grey infrared view, where
-  saturation and hue change nothing, mean 0.8, max 2.3.
 """
+import numpy as np
 import torch
-
-LUMA = (0.299, 0.587, 0.114)   # PIL's "L" weights (ITU-R 601-2), used by contrast and saturation
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -74,15 +67,15 @@ def crop(src, rows, top, left, flip, pad, channels=None):
 
 
 # ---------------------------------------------------------------------------------------------------
-# ColorJitter (before ToTensor in the per-image pipeline; here on float [0, 1], in place)
+# ColorJitter (before ToTensor, as in the per-image pipeline): PIL's own arithmetic on 8-bit values, in place
 
 def jitter_sequences(order, factors, grey):
     """Per image, the adjustments ColorJitter makes, in its drawn order: tuples of indices into ADJUST
     (brightness, contrast, saturation, hue: the order of ColorJitter's factors).
 
     order: int [n, 4] permutations; factors: float [n, 4] (nan: skipped); grey: bool [n], three equal
-    channels, where saturation and hue change nothing (PIL's grey of (v, v, v) is v, its hue shift keeps
-    (v, v, v)) and are skipped.
+    channels, where saturation and hue change nothing (PIL's grey of (v, v, v) is v, and its HSV round trip
+    of a grey is the grey) and are skipped.
     """
     seqs = []
     for o, f, g in zip(order.tolist(), factors.tolist(), grey.tolist()):
@@ -91,74 +84,97 @@ def jitter_sequences(order, factors, grey):
 
 
 def color_jitter_(x, seqs, factors):
-    """Brightness, contrast, saturation and hue of each image in the order of seqs, in place.
+    """Brightness, contrast, saturation and hue of each image in the order of seqs, in place, as PIL computes them.
 
-    x: float [n, C, H, W] in [0, 1], C = 3, or 1 for grey images (brightness and contrast only); seqs: from
-    jitter_sequences, images with equal sequences consecutive (sort by them first), one group of images a
-    call per adjustment; factors: float [n, 4] on x's device (hue as drawn, in [-0.5, 0.5]).
+    x: float32 [n, C, H, W] holding the 8-bit values 0 .. 255 of the images (C = 3, or 1 for grey images:
+    brightness and contrast only); seqs: from jitter_sequences, images with equal sequences consecutive (sort by
+    them first), one group of images a call per adjustment; factors: float64 [n, 4] on x's device, as drawn.
+    Bit for bit PIL's result (tests/test_batched.py): brightness, contrast and saturation are PIL's blend of the
+    image with a degenerate one (black; the mean grey, rounded; the grey), out = trunc(d + f (x - d)) in float32
+    with f the float32 factor, clipped to 0 .. 255; the grey is PIL's integer L = (19595 R + 38470 G + 7471 B +
+    2^15) >> 16; hue goes through PIL's own 8-bit HSV (tables made by PIL, hsv_tables) and turns the hue byte by
+    int(255 f), wrapping, as torchvision does.
     """
     start = 0
     while start < len(seqs):
         end = start
         while end < len(seqs) and seqs[end] == seqs[start]:
             end += 1
-        part, f = x[start:end], factors[start:end, :, None, None, None]   # a view; [m, 4, 1, 1, 1]
+        part, f = x[start:end], factors[start:end]                       # a view; [m, 4]
         for k in seqs[start]:
             ADJUST[k](part, f[:, k])
         start = end
     return x
 
 
-def _luma(x):
-    """PIL's grey in float: 0.299 R + 0.587 G + 0.114 B, [n, 1, H, W]; a one-channel (grey) image is its grey."""
+def _blend_(x, degenerate, f):
+    """PIL's Image.blend(degenerate, x, f) of 8-bit values: trunc(d + f (x - d)) in float32, clipped, in place."""
+    f = f.to(torch.float32)[:, None, None, None]
+    x.sub_(degenerate).mul_(f).add_(degenerate).floor_().clamp_(0.0, 255.0)
+
+
+def _grey(x):
+    """PIL's convert("L") of 8-bit RGB: (19595 R + 38470 G + 7471 B + 2^15) >> 16, [n, 1, H, W]; every step exact
+    in float32 (the sum stays below 2^24). A one-channel (grey) image is its grey."""
     if x.shape[1] == 1:
         return x
-    return (x[:, 0:1] * LUMA[0]).add_(x[:, 1:2], alpha=LUMA[1]).add_(x[:, 2:3], alpha=LUMA[2])
+    total = (x[:, 0:1] * 19595).add_(x[:, 1:2], alpha=38470).add_(x[:, 2:3], alpha=7471).add_(32768)
+    return total.div_(65536).floor_()
 
 
 def _brightness(x, f):
-    """PIL: blend with black, f * x, clipped."""
-    x.mul_(f).clamp_(max=1.0)
+    """ImageEnhance.Brightness: the blend with black."""
+    _blend_(x, 0.0, f)
 
 
 def _contrast(x, f):
-    """PIL: blend with the mean grey, rounded to an 8-bit level: m + f (x - m), clipped."""
-    m = _luma(x).mean(dim=(1, 2, 3), keepdim=True, dtype=torch.float64)   # float64: no thread-count dependence
-    m = m.mul_(255).add_(0.5).floor_().div_(255).to(x.dtype)
-    x.sub_(m).mul_(f).add_(m).clamp_(0.0, 1.0)
+    """ImageEnhance.Contrast: the blend with the mean of the grey, rounded to an integer (PIL's int(mean + 0.5))."""
+    mean = _grey(x).mean(dim=(1, 2, 3), keepdim=True, dtype=torch.float64)     # exact: a sum of integers
+    _blend_(x, mean.add_(0.5).floor_().to(x.dtype), f)
 
 
 def _saturation(x, f):
-    """PIL: blend with the image's grey: L + f (x - L), clipped."""
-    grey = _luma(x)
-    x.sub_(grey).mul_(f).add_(grey).clamp_(0.0, 1.0)
+    """ImageEnhance.Color: the blend with the image's grey."""
+    _blend_(x, _grey(x), f)
 
 
 def _hue(x, f):
-    """PIL: shift the HSV hue by int(255 f) / 255 of a turn (value and saturation kept).
-
-    In sextants h6 in [0, 6) of the hexagonal hue, with chroma c = max - min: channel n of the result is
-    max - c * clamp(min(k, 4 - k), 0, 1), k = (h6 + shift + n) mod 6, n = 5, 3, 1 for R, G, B.
-    """
-    r, g, b = x[:, 0], x[:, 1], x[:, 2]
-    top = torch.maximum(torch.maximum(r, g), b)
-    chroma = top - torch.minimum(torch.minimum(r, g), b)
-    is_r = (r == top).to(x.dtype)                                # ties as PIL: R, then G, then B
-    is_g = (g == top).to(x.dtype).mul_(1 - is_r)
-    # R max: (G - B) / c; G max: 2 + (B - R) / c; B max: 4 + (R - G) / c
-    h6 = (r - g).add_(chroma, alpha=4)                           # B max
-    h6.add_(is_r * ((g - b) - h6)).add_(is_g * ((b - r).add_(chroma, alpha=2) - h6))
-    h6.div_(chroma.clamp(min=1e-12))                             # chroma 0: any h6, and the result is max
-    h6.add_(torch.trunc(f[:, 0] * 255) / 255 * 6)                # PIL's shift, [m, 1, 1]
-    h6.sub_(torch.floor(h6 * (1 / 6)), alpha=6)                  # mod 6, to [0, 6)
-    for channel, n in enumerate((5.0, 3.0, 1.0)):
-        k = h6 + n                                               # in [1, 11)
-        k.sub_(torch.floor(k * (1 / 6)), alpha=6)
-        k = torch.minimum(k, 4 - k).clamp_(0.0, 1.0)
-        torch.addcmul(top, chroma, k, value=-1, out=x[:, channel])
+    """torchvision's adjust_hue on a PIL image: to PIL's 8-bit HSV, the hue byte + int(255 f) (wrapping), back."""
+    to_hsv, to_rgb = hsv_tables(x.device)
+    m, _, height, width = x.shape
+    v = x.to(torch.int32)
+    rgb = (v[:, 0] << 16).bitwise_or_(v[:, 1] << 8).bitwise_or_(v[:, 2]).view(-1)        # 65536 R + 256 G + B
+    hsv = to_hsv.index_select(0, rgb).view(m, height, width)                           # 65536 H + 256 S + V
+    shift = torch.trunc(f * 255).to(torch.int32).remainder_(256).view(m, 1, 1) << 16   # f: float64, as drawn
+    hsv = (hsv + shift).bitwise_and_(0xFFFFFF)                                         # the hue byte wraps
+    out = to_rgb.index_select(0, hsv.view(-1)).view(m, height, width)
+    for c, bits in enumerate((16, 8, 0)):
+        x[:, c] = (out >> bits).bitwise_and_(255)
 
 
 ADJUST = (_brightness, _contrast, _saturation, _hue)
+_HSV_TABLES = {}
+
+
+def hsv_tables(device="cpu"):
+    """PIL's RGB -> HSV and HSV -> RGB conversions of all 2^24 8-bit triples, made by PIL itself: int32 [2^24]
+    each (64 MB), the triple (a, b, c) at 65536 a + 256 b + c, its image packed the same way. Made once per
+    process (DataLoader workers forked after it share it) and copied once to each device."""
+    device = torch.device(device)
+    if "cpu" not in _HSV_TABLES:
+        from PIL import Image
+        every = np.arange(2 ** 24, dtype=np.uint32)
+        triples = np.stack([every >> 16, (every >> 8) & 255, every & 255], axis=1).astype(np.uint8)
+        triples = triples.reshape(4096, 4096, 3)
+        to_hsv = np.asarray(Image.fromarray(triples, "RGB").convert("HSV")).reshape(-1, 3)
+        to_rgb = np.asarray(Image.fromarray(triples, "HSV").convert("RGB")).reshape(-1, 3)
+        pack = lambda t: torch.from_numpy((t[:, 0].astype(np.int32) << 16) | (t[:, 1].astype(np.int32) << 8)
+                                          | t[:, 2].astype(np.int32))
+        _HSV_TABLES["cpu"] = (pack(to_hsv), pack(to_rgb))
+    key = str(device)
+    if key not in _HSV_TABLES:
+        _HSV_TABLES[key] = tuple(t.to(device) for t in _HSV_TABLES["cpu"])
+    return _HSV_TABLES[key]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -255,12 +271,14 @@ def augment_view(parts, mean, std, fill, shape):
 
 def _part(part, mean, std, fill, out):
     dev = mean.device
-    x = to_tensor(part["crop"].to(dev, non_blocking=True))                    # [m, C, H, W]
+    crops = part["crop"].to(dev, non_blocking=True)                          # [m, C, H, W]
+    if part["jitter"] is not None:                   # ColorJitter on the 8-bit values, then ToTensor's / 255
+        seqs, factors = part["jitter"]
+        x = color_jitter_(crops.to(torch.float32), seqs, factors.to(dev)).div_(255)
+    else:
+        x = to_tensor(crops)
     if part["linear"] is not None:
         linear_(x, part["linear"])
-    if part["jitter"] is not None:
-        seqs, factors = part["jitter"]
-        color_jitter_(x, seqs, factors.to(dev))
     for g in part["tail"]:
         idx, three = g["idx"].to(dev), g["chan"].shape[1] == 3
         if x.shape[1] == 3 and not three:

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import draws
-from .batched import augment_view, crop, jitter_sequences, to_tensor
+from .batched import augment_view, crop, hsv_tables, jitter_sequences, to_tensor
 from .cache import ImageCache
 from .common import ImageList, read_image
 
@@ -228,6 +228,8 @@ class CachedTrainBatches(Dataset):
         _check_rows(self.batches[..., 1], len(ir), "batches[..., 1] (infrared rows)")
         self.vis, self.ir, self.seed = vis, ir, _check_seed(seed)
         self.device = torch.device(device)
+        if any(rec.jitter is not None and rec.jitter.values[3] for rec in self.recipes.values()):
+            hsv_tables(self.device)        # made here once, so that DataLoader workers forked later share them
         self.first = int(first_position)    # a share of the global batch: position j here is first + j there
 
     def __len__(self):
@@ -343,7 +345,8 @@ def _plan_view(rec, cache, rows, rngs):
                            None if channels is None else channels[idx])
         jitter = None
         if seqs is not None:
-            jitter = ([seqs[j] for j in idx.tolist()], torch.tensor([heads[j][4] for j in idx.tolist()]))
+            jitter = ([seqs[j] for j in idx.tolist()],
+                      torch.tensor([heads[j][4] for j in idx.tolist()], dtype=torch.float64))   # as drawn
         return {"crop": cropped, "pos": idx, "in_order": len(idx) == n and bool((idx == everyone).all()),
                 "jitter": jitter, "linear": masks if cropped is x else None, "tail": _tail_groups(mix[idx], rect[idx])}
 
