@@ -460,12 +460,14 @@ def image_caches(vis, ir, args):
                                 progress=world_of(args).main)
               for name, images in (("vis", vis), ("ir", ir))}
     caches["summary"] = "; ".join(caches[n].summary for n in ("vis", "ir"))
-    stale = [path for path in (os.path.join(folder, f"{n}_{args.height}x{args.width}_{resize}.u8") for n in ("vis", "ir"))
-             if os.path.exists(path)]
-    if stale:   # named as the release before --cache-dir named its caches: left alone, and said
+    # The names the release before --cache-dir gave its caches: such files are left alone, and said.
+    old_names = (os.path.join(folder, f"{n}_{args.height}x{args.width}_{resize}.u8") for n in ("vis", "ir"))
+    stale = [path for path in old_names if os.path.exists(path)]
+    if stale:
         gb = sum(os.path.getsize(path) for path in stale) / 2**30
         caches["summary"] += (f"; {' and '.join(stale)} ({gb:.1f} GB), from an earlier release (named without the "
-                              f"image list's hash), are not read by this run: delete them and their .json to free the space")
+                              "image list's hash), are not read by this run: delete them and their .json to free "
+                              "the space")
     return caches
 
 
