@@ -9,7 +9,8 @@ apart. Used by train.py:
 
 - The default folder names every flag that changes the result and is not the preset's (`default_out`).
 - A resume compares the checkpoint's result-changing flags with the current ones (`plan_run`); only
-  RUNTIME_FLAGS may differ, and --epochs may grow.
+  RUNTIME_FLAGS may differ, and --epochs may grow; a --input cached checkpoint of the release whose
+  ColorJitter ran in float32 goes on only into epochs without ColorJitter (`check_jitter`).
 - `stage1.pth` (written by train.py at the end of stage one) starts the stage-two ablations of
   `--init-from`, whose stage-one flags must agree.
 - log.txt and metrics.jsonl hold exactly the checkpoint's epochs (`open_run_folder`).
@@ -44,6 +45,9 @@ RUN_FILES = ("last.pth", "stage1.pth", "results.json", "metrics.jsonl", "log.txt
 # The value a result flag had before it existed, where that is not today's default: runs of the releases before
 # --input all trained on the per-image pipeline, which is now --input pil.
 BEFORE_THE_FLAG = {"input": "pil"}
+# The arithmetic of --input cached's ColorJitter, kept in every checkpoint: "pil", PIL's own, bit for bit. The
+# release that introduced --input cached ran PIL's formulas in float32 and saved no such entry.
+CACHED_JITTER = "pil"
 
 
 def result_args(args):
@@ -105,10 +109,26 @@ def stage_one_view(run, learning_rate):
             "lr_stage_one": [learning_rate(e, argparse.Namespace(**run)) for e in range(run["stage_one_epochs"])]}
 
 
-def plan_run(args, preset, learning_rate):
+def check_jitter(ckpt, args, path, jitters):
+    """Refuse to go on from a --input cached checkpoint whose epochs ran the float32 ColorJitter when the
+    epochs still to train run ColorJitter: the run would switch arithmetic half-way (the epochs after it
+    would be neither release's). jitters(epoch, args): that epoch's training views run ColorJitter."""
+    saved, done = ckpt["args"], ckpt["epoch"]
+    if saved.get("input", BEFORE_THE_FLAG["input"]) != "cached" or ckpt.get("jitter") == CACHED_JITTER:
+        return
+    if any(jitters(e, args) for e in range(done)) and any(jitters(e, args) for e in range(done, args.epochs)):
+        raise SystemExit(f"train.py: error: {path} was trained with --input cached by an earlier release, whose "
+                         f"ColorJitter ran in float32; this release's is PIL's, bit for bit, so the epochs from {done} "
+                         f"on would be trained with another jitter than its first {done}. "
+                         f"Start the run again (another --out, or --resume none --overwrite), or finish it with "
+                         f"the earlier release.")
+
+
+def plan_run(args, preset, learning_rate, jitters=lambda epoch, args: False):
     """Decide, before anything is written, how this run starts: a dict with "mode" (fresh, resume,
     init) and the checkpoint to start from. Every refusal about the folder comes from here.
-    preset: {flag: value} of the presets for this method and dataset; learning_rate(epoch, args)."""
+    preset: {flag: value} of the presets for this method and dataset; learning_rate(epoch, args);
+    jitters(epoch, args): that epoch's training views run ColorJitter (`check_jitter`)."""
     holder = lock_holder(args.out)
     if holder is not None:
         raise SystemExit(f"train.py: error: {args.out} is being written by another run (process {holder}); wait for "
@@ -131,6 +151,7 @@ def plan_run(args, preset, learning_rate):
         if args.epochs < ckpt["epoch"]:
             raise SystemExit(f"train.py: error: --epochs {args.epochs}, but {path} has {ckpt['epoch']} epochs "
                              f"done; give --epochs >= {ckpt['epoch']} (or another --out)")
+        check_jitter(ckpt, args, path, jitters)
         return {"mode": "resume", "path": path, "ckpt": ckpt, "own": path == own, "log_bytes": ckpt.get("log_bytes", 0)}
     if present:   # results.json or stage1.pth without last.pth: not a state this code leaves
         raise SystemExit(f"train.py: error: {args.out} holds {', '.join(present)} but no last.pth to resume "
@@ -147,6 +168,7 @@ def plan_run(args, preset, learning_rate):
         keys = [k for k in result_args(args) if k not in STAGE_TWO_FLAGS]
         check_same_run(saved, view, preset, args.init_from, keys + list(extra),
                        "holds a stage one trained with other flags")
+        check_jitter(ckpt, args, args.init_from, jitters)
         return {"mode": "init", "path": args.init_from, "ckpt": ckpt}
     return {"mode": "fresh", "replace": False}
 

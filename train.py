@@ -433,12 +433,23 @@ def hybrid_memory(entries, args):
     return memory.HybridMemory(entries, momentum=args.momentum, temp=args.temp)
 
 
+def training_transforms(args, stage):
+    """The three training views' pipelines of a stage ({"v0", "v1", "r"}: data.transforms.Compose)."""
+    return transforms.train_transforms(args.height, args.width, 2 if args.augment == "light" else stage,
+                                       method=args.method, pad=transforms.crop_pad(args.height))
+
+
+def jitters(epoch, args):
+    """True when a training view of this epoch runs ColorJitter."""
+    views = training_transforms(args, stage_of(epoch, args)).values()
+    return any(isinstance(step, transforms.ColorJitter) for view in views for step in view.steps)
+
+
 def make_loader(vis, ir, batches, args, epoch, stage):
     """This rank's share of the epoch's batches as a DataLoader (contiguous positions of every global batch);
     the augmentation of each position is seeded by (--seed, epoch, batch, global position), the same draws
     for --input pil and cached."""
-    tfm = transforms.train_transforms(args.height, args.width, 2 if args.augment == "light" else stage,
-                                      method=args.method, pad=transforms.crop_pad(args.height))
+    tfm = training_transforms(args, stage)
     lo, hi = distributed.share(batches.shape[1], world_of(args))
     if args.input == "cached":
         data = CachedTrainBatches(vis.cache, ir.cache, tfm, batches[:, lo:hi],
@@ -560,7 +571,7 @@ def train(args, world):
     kept = {}
 
     def prepare():   # every refusal, rendering and pretraining happens here, on rank 0, before any training
-        plan = runs.plan_run(args, preset, learning_rate)    # nothing is written yet
+        plan = runs.plan_run(args, preset, learning_rate, jitters)    # nothing is written yet
         kept["ckpt"] = plan.pop("ckpt", None)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -633,7 +644,7 @@ def train(args, world):
                          "scaler": optimizer.scaler.state_dict(), "epoch": epoch + 1,        # resume rewrites from
                          "args": vars(args), "history": history, "untrained": untrained,    # the checkpoint's history,
                          "torch_rng": torch.get_rng_state(), "results": results if last else None,   # never one twice
-                         "log_bytes": log.size()}
+                         "log_bytes": log.size(), "jitter": runs.CACHED_JITTER}
                 save_checkpoint(state, os.path.join(args.out, "last.pth"))
                 if epoch + 1 == args.stage_one_epochs:   # the branching point of stage-two ablations (--init-from)
                     save_checkpoint(dict(state, stage_one_end=True), os.path.join(args.out, "stage1.pth"))
@@ -657,7 +668,7 @@ def run_all_splits(args):
     def check_all():   # refusals of any split, and every image of every split, before training
         lists = []
         for split in splits:
-            runs.plan_run(split, preset_args(split), learning_rate)
+            runs.plan_run(split, preset_args(split), learning_rate, jitters)
             lists += [*load_training_set(split), *runs.check_test_set(split)]
         if args.check_images:
             runs.check_images(lists, args)

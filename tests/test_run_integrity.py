@@ -152,6 +152,32 @@ def test_a_run_from_before_the_input_flag_resumes_only_as_pil(tiny_root, tmp_pat
     assert epochs_in(out) == [0, 1]
 
 
+def test_a_cached_run_of_the_float32_jitter_resumes_only_where_no_jitter_follows(tiny_root, tmp_path, capsys):
+    """A --input cached checkpoint without the "jitter" entry ran the earlier release's float32 ColorJitter:
+    resuming it into epochs that jitter (MBMIL jitters v1 in every epoch) is refused by name, and the folder is
+    left as it was; MULT's stage two does not jitter, so a MULT run stopped at the end of stage one goes on."""
+    def strip(out):
+        path = os.path.join(out, "last.pth")
+        ckpt = torch.load(path, weights_only=False)
+        assert ckpt.pop("jitter") == runs.CACHED_JITTER
+        torch.save(ckpt, path)
+
+    one = ["--data-root", tiny_root, *TINY, "--input", "cached", "--epochs", "1", "--stage-one-epochs", "1"]
+    mbmil = str(tmp_path / "mbmil")
+    assert cli(*one, "--method", "mbmil", "--out", mbmil)[0] == 0
+    strip(mbmil)
+    capsys.readouterr()
+    refused(capsys, mbmil, *one, "--method", "mbmil", "--out", mbmil, "--epochs", "2",
+            names=[os.path.join(mbmil, "last.pth"), "--input cached", "float32", "ColorJitter"])
+    mult, paper = str(tmp_path / "mult"), [*one, "--augment", "paper"]
+    assert cli(*paper, "--out", mult)[0] == 0
+    strip(mult)
+    run = train.resolve_args(train.get_args_parser().parse_args([*paper, "--epochs", "2"]))
+    assert train.jitters(0, run) and not train.jitters(1, run)
+    assert cli(*paper, "--out", mult, "--epochs", "2")[0] == 0
+    assert epochs_in(mult) == [0, 1]
+
+
 def test_resume_refuses_fewer_epochs_than_done(tiny_root, tmp_path, capsys):
     out = str(tmp_path / "run")
     assert cli("--data-root", tiny_root, "--out", out, *TINY, *TWO)[0] == 0
