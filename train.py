@@ -577,10 +577,12 @@ def train(args, world):
             warnings.simplefilter("always")
             vis, ir = load_training_set(args)
             test_sets = runs.check_test_set(args)
-        if args.check_images:
-            runs.check_images([vis, ir] + test_sets, args)
+        if args.check_images:         # with --input cached, building the caches decodes the training images
+            runs.check_images(([] if args.input == "cached" else [vis, ir]) + test_sets, args)
+        weights = initial_weights(args)
+        caches = image_caches(vis, ir, args) if args.input == "cached" else None   # once, on rank 0
         return {"plan": plan, "vis": vis, "ir": ir, "warnings": [str(w.message) for w in caught],
-                "weights": initial_weights(args)}
+                "caches": caches, "weights": weights}
     prepared = distributed.from_rank_zero(prepare, world)
     plan, vis, ir = prepared["plan"], prepared["vis"], prepared["ir"]
     ckpt = kept.get("ckpt") if world.main else load_checkpoint(plan["path"]) if plan["mode"] != "fresh" else None
@@ -608,12 +610,9 @@ def train(args, world):
 
     with runs.run_folder(args, plan, history, preset, world.main) as log:  # only now is the folder written
         log_start(log, args, preset, plan, prepared["warnings"], vis, ir, prepared["weights"], start)
-        if args.input == "cached":   # rank 0 decodes once; the others receive the caches by file path
-            def build_caches():
-                caches = image_caches(vis, ir, args)
-                log(caches["summary"])
-                return caches
-            caches = distributed.from_rank_zero(build_caches, world)
+        caches = prepared["caches"]   # the other ranks received them by file path
+        if caches is not None:
+            log(caches["summary"])
             vis.cache, ir.cache = caches["vis"], caches["ir"]     # make_loader reads them from there
         if plan["mode"] == "fresh" and args.eval_untrained and world.main:
             untrained = run_evaluation(model, args, args.eval_trials)

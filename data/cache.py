@@ -19,6 +19,8 @@ file's (path, size, mtime_ns), then two facts about the decoded pixels the batch
 channels; the number of 0 values per channel). Opening an existing cache checks every row against the file system:
 - a missing file raises FileNotFoundError naming it (the dataset changed under the run: fix it or rebuild);
 - a changed file (other size or mtime) is decoded again into its row, and `cache.summary` names it;
+- a file that cannot be decoded raises ValueError naming it (every such file is tried first); a failed build
+  leaves no file or folder behind;
 - another height, width, interpolation, format or list of paths means another cache: it is rebuilt whole.
 The key is written last, by an atomic rename, so an interrupted build is rebuilt on the next open.
 
@@ -115,7 +117,7 @@ def build_cache(images, height, width, interpolation="bilinear", path=None, work
         else:
             summary = f"image cache {path}: reused ({len(images)} images, {height}x{width}, {interpolation})"
     else:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        created = _make_folders(os.path.dirname(os.path.abspath(path)))
         tmp = f"{path}.{os.getpid()}.tmp"           # this build's own: another run may build the same file
         try:
             pixels = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)
@@ -124,9 +126,12 @@ def build_cache(images, height, width, interpolation="bilinear", path=None, work
             pixels.flush()
             del pixels
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException:                       # a failed build leaves nothing behind
             if os.path.exists(tmp):
                 os.remove(tmp)
+            for folder in reversed(created):
+                if not os.listdir(folder):
+                    os.rmdir(folder)
             raise
         _write_key(path, header, keys, flags)
         why = "built" if stored is None else "rebuilt (another size, interpolation or list of images)"
@@ -163,24 +168,46 @@ class _Decode(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, i):
-        return self.rows[i], torch.from_numpy(decode_resized(self.paths[self.rows[i]], *self.size))
+        """(row, uint8 image [3, H, W]), or (row, the error message) for a file that cannot be decoded: a worker
+        never raises, so that the build names every bad file."""
+        row = self.rows[i]
+        try:
+            return row, torch.from_numpy(decode_resized(self.paths[row], *self.size))
+        except OSError as err:
+            return row, str(err)
 
 
 def _decode_rows(paths, rows, pixels, height, width, interpolation, workers, progress):
     """pixels[i] = decode_resized(paths[i]) for i in rows, `workers` processes decoding.
 
     Returns per row [grey, zeros]: grey 1 when the three channels are equal, zeros the number of 0 values
-    of each channel.
+    of each channel. ValueError naming the files that cannot be decoded, after trying every one.
     """
     data = _Decode(paths, rows, height, width, interpolation)
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers)
-    flags = []
+    flags, errors = [], []
     for i, img in tqdm(loader, total=len(data), desc=f"decode once {height}x{width}", unit="img",
                        disable=not progress, leave=False):
+        if isinstance(img, str):
+            errors.append(img)
+            continue
         pixels[i] = arr = img.numpy()
         grey = int(np.array_equal(arr[0], arr[1]) and np.array_equal(arr[1], arr[2]))
         flags.append([grey, [int(np.count_nonzero(arr[c] == 0)) for c in range(3)]])
+    if errors:
+        raise ValueError(f"{len(errors)} of {len(data)} training images cannot be used: " + "; ".join(errors[:3]) +
+                         ("; ..." if len(errors) > 3 else ""))
     return flags
+
+
+def _make_folders(folder):
+    """os.makedirs(folder); returns the folders it created, outermost first."""
+    created, parent = [], folder
+    while not os.path.isdir(parent):
+        created.append(parent)
+        parent = os.path.dirname(parent)
+    os.makedirs(folder, exist_ok=True)
+    return created[::-1]
 
 
 def _file_key(path):

@@ -109,6 +109,24 @@ def test_cache_file_reused_refreshed_and_checked(tiny, tmp_path):
         build_cache(images, H, W, path=path, progress=False)
 
 
+def test_cache_names_every_undecodable_file_and_leaves_nothing(tiny, tmp_path):
+    """A training image that cannot be decoded: ValueError naming it (and the other bad one), after trying every
+    file; the build removes its temporary file and the folders it made."""
+    import shutil
+    src = tiny[0]
+    (tmp_path / "images").mkdir()
+    paths = [shutil.copy(p, tmp_path / "images") for p in src.paths[:6]]
+    for p in paths[1:4:2]:
+        with open(p, "wb") as f:
+            f.write(b"not a jpeg")
+    vis = ImageList(paths, src.pids[:6], src.camids[:6], VIS)
+    path = tmp_path / "run" / "cache" / "vis.u8"
+    with pytest.raises(ValueError, match="2 of 6 training images cannot be used") as err:
+        build_cache(vis, H, W, path=str(path), progress=False)
+    assert paths[1] in str(err.value) and paths[3] in str(err.value) and "cannot decode image" in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+
+
 def test_cache_bad_arguments(tiny):
     vis, _ = tiny
     for kwargs, text in ((dict(height=0), "height"), (dict(interpolation="nearest"), "interpolation"),
@@ -397,12 +415,26 @@ def test_bad_inputs(tiny):
         CachedTrainBatches(cache_vis, cache_ir, tfm, good, 0)[2]
 
 
-def test_train_with_the_cached_input_resumes_on_its_cache(tmp_path):
-    """--input cached end to end: the caches are built in the run folder, a resumed run reuses them, and the
-    resumed run equals the uninterrupted one."""
+def test_train_with_the_cached_input_resumes_on_its_cache(tmp_path, monkeypatch):
+    """--input cached end to end: the caches are built in the run folder, decoding each training image once
+    (the image check leaves them to the build); a resumed run reuses them without decoding any, and equals the
+    uninterrupted one."""
+    import collections
     import json
+    import data.cache
+    import data.loader
+    import runs
     import train
     from data.synthetic import render_sysu
+    reads = collections.Counter()
+
+    def counted(read):
+        def read_image(path):
+            reads[os.path.abspath(path)] += 1
+            return read(path)
+        return read_image
+    for module in (data.cache, data.loader, runs):        # every read_image of a training run
+        monkeypatch.setattr(module, "read_image", counted(module.read_image))
     root = str(tmp_path / "data")
     render_sysu(root, num_ids=10, images_per_cam=2, height=32, width=16, seed=0)
     tiny = ["--data-root", root, "--arch", "resnet18", "--pretrained", "none", "--height", "32", "--width", "16",
@@ -411,12 +443,17 @@ def test_train_with_the_cached_input_resumes_on_its_cache(tmp_path):
             "--stage-one-epochs", "1", "--augment", "paper"]
     full, part = tmp_path / "full", tmp_path / "part"
     train.cli([*tiny, "--epochs", "3", "--out", str(full)])
-    assert sorted(p.name.rsplit("_", 1)[0] for p in (full / "cache").iterdir() if p.suffix == ".u8") == \
-        ["ir_32x16_bilinear", "vis_32x16_bilinear"]
+    keys = sorted(p for p in (full / "cache").iterdir() if p.suffix == ".json")
+    assert [p.name.rsplit("_", 1)[0] for p in keys] == ["ir_32x16_bilinear", "vis_32x16_bilinear"]
+    training = [row[0] for p in keys for row in json.loads(p.read_text())["rows"]]
+    assert len(set(training)) == len(training) > 0 and [reads[p] for p in training] == [1] * len(training)
+    assert len(reads) > len(training)                       # the test images were checked and evaluated
     train.cli([*tiny, "--epochs", "2", "--out", str(part)])
     stale = part / "cache" / "vis_32x16_bilinear.u8"           # the name an earlier release gave its cache
     stale.write_bytes(b"\0" * 100)
+    reads.clear()
     train.cli([*tiny, "--epochs", "3", "--out", str(part)])
+    assert not any(reads[p] for p in training)
     log = (part / "log.txt").read_text()
     assert "reused" in log and f"{stale} (0.0 GB), from an earlier release" in log and stale.exists()
     curve = lambda run: [x for line in open(run / "metrics.jsonl") for x in json.loads(line)["loss_per_iteration"]]
