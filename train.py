@@ -140,7 +140,8 @@ def get_args_parser():
     a("--init-from", type=str, default=None,
       help="a stage1.pth: start this run's stage two from that shared stage one (its stage-one flags must agree)")
     a("--check-images", action=argparse.BooleanOptionalAction, default=True,
-      help="decode every training and test image once before training (default on)")
+      help="decode every training and test image once before training (default on; with --input cached the "
+           "cache build decodes the training images)")
     a("--device", type=str, default=None, help="cpu, cuda, cuda:1 (default: cuda if available; torchrun: cuda:LOCAL_RANK)")
     a("--amp", choices=("off", "bf16", "fp16"), default="off",
       help="mixed precision of the backbone (off); memories, losses and clustering stay float32; fp16 scales the loss")
