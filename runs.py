@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data.common import read_image
+from data.common import read_image, unusable
 from model import load_checkpoint
 
 
@@ -334,6 +334,5 @@ def check_images(lists, args):
     loader = DataLoader(_Decode(paths), batch_size=64, num_workers=args.workers, collate_fn=list)
     errors = [e for batch in tqdm(loader, desc="checking images", unit="batch", file=sys.stderr) for e in batch if e]
     if errors:
-        raise ValueError(f"{len(errors)} of the {len(paths)} images checked cannot be used: " +
-                         "; ".join(errors[:3]) + ("; ..." if len(errors) > 3 else ""))
+        raise unusable(errors, len(paths), "images checked")
     tqdm.write(f"checked {len(paths)} images in {time.time() - t:.1f} s")

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .common import ImageList, read_image
+from .common import ImageList, read_image, unusable
 from .transforms import _INTERPOLATIONS, Resize
 
 FORMAT = "vireid-image-cache-v1"
@@ -195,8 +195,7 @@ def _decode_rows(paths, rows, pixels, height, width, interpolation, workers, pro
         grey = int(np.array_equal(arr[0], arr[1]) and np.array_equal(arr[1], arr[2]))
         flags.append([grey, [int(np.count_nonzero(arr[c] == 0)) for c in range(3)]])
     if errors:
-        raise ValueError(f"{len(errors)} of {len(data)} training images cannot be used: " + "; ".join(errors[:3]) +
-                         ("; ..." if len(errors) > 3 else ""))
+        raise unusable(errors, len(data), "training images")
     return flags
 
 

@@ -96,6 +96,13 @@ def read_id_file(path, what="split file"):
     return ids
 
 
+def unusable(errors, count, what):
+    """The ValueError for images that cannot be decoded: how many of `count` `what`, naming the first three
+    (errors: read_image's messages)."""
+    return ValueError(f"{len(errors)} of {count} {what} cannot be used: " + "; ".join(errors[:3]) +
+                      ("; ..." if len(errors) > 3 else ""))
+
+
 def read_image(path):
     """Decode `path` as an 8-bit, 3-channel RGB PIL image; a missing or undecodable file names itself.
 
