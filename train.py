@@ -23,6 +23,11 @@ import warnings
 # Idle OpenMP threads that spin steal the CPU from the data loader and from each other: on a 2-core
 # machine the sparse clustering steps ran 5-10x slower without this (bench/bench_clustering.py).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# PyTorch backs CPU tensors of 2 MB and more with transparent huge pages (Linux; THP_MEM_ALLOC_ENABLE=0 in the
+# environment turns it off): a fresh batch of the cached input pipeline, or of the feature extraction, is then
+# faulted in 2 MB pages instead of 4 kB ones, about 1.5x either on a SYSU-sized batch per core
+# (bench/bench_input.py). Where a tensor lives changes none of its values.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import numpy as np
 import torch

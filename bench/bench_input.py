@@ -23,7 +23,10 @@ stage, in the same run:
 All CPU figures are per core: images per second of this process's CPU time (--threads torch threads, 1 by
 default), so that other jobs on a shared machine, which stretch the wall time, change them less; GPU figures
 are images per second of wall time, synchronised. A fresh batch of 432 float images at 288x144 is 216 MB, and
-glibc maps every allocation above 32 MB anew, so each batch is page-faulted in again (kernel time, counted):
+glibc maps every allocation above 32 MB anew, so each batch is page-faulted in again (kernel time, counted).
+Like train.py, this script has PyTorch back CPU tensors of 2 MB and more with transparent huge pages
+(THP_MEM_ALLOC_ENABLE=1, where the kernel allows them: the table says), so those faults come 2 MB at a time
+(THP_MEM_ALLOC_ENABLE=0 python bench/bench_input.py measures 4 kB pages);
 --malloc-reuse keeps freed memory in the process instead (glibc's mallopt; for train.py the same is
 MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647 in the environment), for both pipelines.
 Without it, what a setting costs depends on what the process did before: glibc raises its threshold for
@@ -48,6 +51,9 @@ import time
 
 # Idle OpenMP threads otherwise spin and steal the CPU on a shared machine; set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Transparent huge pages for CPU tensors of 2 MB and more, as train.py sets them; THP_MEM_ALLOC_ENABLE=0 in the
+# environment measures without (every setting's process inherits it).
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -279,6 +285,16 @@ def malloc_reuse():
         raise OSError("mallopt failed (not glibc?); run without --malloc-reuse")
 
 
+def huge_pages():
+    """What this process does about transparent huge pages: torch's switch and the kernel's mode."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        mode = "unknown"
+    return f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '')}, kernel THP {mode}"
+
+
 def main(args):
     if not args.in_one_process:
         return isolated(args)
@@ -365,7 +381,7 @@ def format_row(r):
 def print_table(rows, args):
     load = os.getloadavg()
     reuse = ", --malloc-reuse" if args.malloc_reuse else ""
-    print(f"\nimages/s per core, CPU time ({args.threads} thread(s){reuse}; load average "
+    print(f"\nimages/s per core, CPU time ({args.threads} thread(s){reuse}; {huge_pages()}; load average "
           f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}); a part's figure counts the images of that part alone "
           "(decode: both modalities; plan: pairs)")
     print("| preset | stage | input | device | whole batch | decode or plan | v0 | v1 | r | floor | backbone fwd+bwd |")
