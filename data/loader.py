@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import draws
-from .batched import augment_view, crop, hsv_tables, jitter_sequences, to_tensor
+from .batched import augment_view, crop, hsv_tables, jitter_sequences, normalize_
 from .cache import ImageCache
 from .common import ImageList, read_image
 
@@ -129,7 +129,8 @@ class CachedImageDataset(Dataset):
             raise ValueError(f"{len(missing)} of the {len(images)} images are not in the cache {cache}, the first "
                              f"{missing[0]}")
         self.rows = torch.tensor([where[os.path.abspath(p)] for p in images.paths], dtype=torch.int64)
-        self.cache, self.normalize, self.batch_size = cache, steps[2], batch_size
+        self.cache, self.batch_size = cache, batch_size
+        self.mean, self.std = torch.tensor(steps[2].mean), torch.tensor(steps[2].std)     # float32, as TF.normalize
 
     def __len__(self):
         return -(-len(self.rows) // self.batch_size)
@@ -138,7 +139,8 @@ class CachedImageDataset(Dataset):
         if not 0 <= k < len(self):
             raise IndexError(f"batch {k} out of range 0..{len(self) - 1}")
         index = torch.arange(k * self.batch_size, min((k + 1) * self.batch_size, len(self.rows)))
-        return self.normalize(to_tensor(self.cache.images.index_select(0, self.rows[index]))), index
+        x = self.cache.images.index_select(0, self.rows[index]).to(torch.float32)
+        return normalize_(x, torch.arange(3).expand(len(x), 3), self.mean, self.std, from_bytes=True), index
 
 
 class TrainBatches(Dataset):

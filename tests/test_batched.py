@@ -120,12 +120,15 @@ def test_cache_bad_arguments(tiny):
         build_cache(vis.paths, H, W)
 
 
-@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
-def test_features_from_the_cache_are_those_of_decoding(tiny, interpolation):
+@pytest.mark.parametrize("interpolation,block", [("bilinear", None), ("bicubic", None), ("bilinear", 1)])
+def test_features_from_the_cache_are_those_of_decoding(tiny, interpolation, block, monkeypatch):
     """Feature extraction reads the training cache: its images, and so its features, are the decoded ones
-    bit for bit, for any subset of the rows in any order."""
+    bit for bit, for any subset of the rows in any order, whatever blocks ToTensor + Normalize run in (block:
+    images a block, None: the default size, which holds every image of these tests)."""
     import evaluate
     from data.loader import CachedImageDataset, ImageDataset
+    if block:
+        monkeypatch.setattr(B, "CPU_BLOCK_BYTES", block * 3 * H * W * 4)
     vis, _ = tiny
     cache = build_cache(vis, H, W, interpolation, progress=False)
     tfm = T.test_transform(H, W, interpolation)
@@ -239,7 +242,7 @@ def test_linear_transform_masks_and_draws(height, width, pad, max_iter):
     gate = [not r.random() > lt.p for r in rngs]
     zeros = (src == 0).sum(dim=(2, 3))
     masks = D.resolve_linear(lt, crops, gate, rngs, zeros, pad, first=4, more=3)   # several rounds
-    x0 = B.to_tensor(crops)
+    x0 = crops.float().div_(255)                                           # ToTensor
     ours = B.linear_(x0.clone(), masks)
     m_ours = B.linear_(torch.ones_like(x0), masks)
     for j in range(n):
@@ -325,8 +328,13 @@ def pil_units(diff, key):
     return diff.abs() * std * 255
 
 
-@pytest.mark.parametrize("method,stage", [("mult", 1), ("mult", 2), ("mbmil", 1), ("mbmil", 2)])
-def test_cached_batches_match_train_batches(tiny, method, stage):
+@pytest.mark.parametrize("method,stage,block", [("mult", 1, None), ("mult", 2, None), ("mbmil", 1, None),
+                                                ("mbmil", 2, None), ("mult", 1, 3), ("mult", 2, 3), ("mbmil", 1, 3)])
+def test_cached_batches_match_train_batches(tiny, method, stage, block, monkeypatch):
+    """block: on the CPU, ToTensor + Normalize run in blocks of this many three-channel images (None: the
+    default size, which holds all 16 of a view here); 3 splits every part, one-channel ones in blocks of 9."""
+    if block:
+        monkeypatch.setattr(B, "CPU_BLOCK_BYTES", block * 3 * H * W * 4)
     vis, ir = tiny
     cache_vis, cache_ir = caches(tiny, "bilinear" if method == "mult" else "bicubic")
     tfm = T.train_transforms(H, W, stage, method, pad=PAD)
