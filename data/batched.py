@@ -4,8 +4,8 @@ MULT (He et al., IJCV 2024) and MBMIL (Wang et al., AAAI 2026): the pipelines of
 run on uint8 images from the decode-once cache (data/cache.py) with the per-sample parameters of data/draws.py.
 Every step is one tensor operation over the batch, or over the images that share a ColorJitter order; on the
 CPU, ToTensor's division and Normalize run in blocks of a few images that stay in the processor's cache
-(normalize_). Nothing loops over images. Shapes: B images of H x W; uint8 crops [B, C, H, W] (C = 3, or 1 when a view keeps one
-channel); views float32 [B, 3, H, W].
+(normalize_). Nothing loops over images. Shapes: B images of H x W; uint8 crops [B, C, H, W] (C = 3, or 1 when
+a view keeps one channel); views float32 [B, 3, H, W].
 
 Against the per-image pipeline (tests/test_batched.py checks each):
 - pad + crop + flip, ColorJitter, ToTensor, Normalize, random erasing, ChannelExchange, ChannelAdapGray: the same
@@ -195,6 +195,12 @@ def linear_(x, masks):
 # ---------------------------------------------------------------------------------------------------
 # ToTensor's / 255 and Normalize, random erasing, ChannelExchange / ChannelAdapGray
 
+# About 2 MB of float32 images a block (4 at 288 x 144). On this project's 2-core CPU, with transparent huge pages,
+# the blocks made the feature extraction's input from the cache 1.5x and MULT stage two's v0 view 1.2x faster
+# at that size (bench/bench_input.py).
+CPU_BLOCK_BYTES = 2 << 20
+
+
 def normalize_(x, chan, mean, std, from_bytes=False):
     """TF.normalize in place: plane p of image i is channel chan[i, p]; x float [n, C, H, W].
 
@@ -212,12 +218,6 @@ def normalize_(x, chan, mean, std, from_bytes=False):
             block.div_(255)
         block.sub_(mean[i:i + step]).div_(std[i:i + step])
     return x
-
-
-# About 2 MB of float32 images a block (4 at 288 x 144). On this project's 2-core CPU, with transparent huge pages,
-# the blocks made the feature extraction's input from the cache 1.5x and MULT stage two's v0 view 1.2x faster
-# at that size (bench/bench_input.py).
-CPU_BLOCK_BYTES = 2 << 20
 
 
 def erase_(x, chan, rect, fill):
