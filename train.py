@@ -25,8 +25,9 @@ import warnings
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # PyTorch backs CPU tensors of 2 MB and more with transparent huge pages (Linux; THP_MEM_ALLOC_ENABLE=0 in the
 # environment turns it off): a fresh batch of the cached input pipeline, or of the feature extraction, is then
-# faulted in 2 MB pages instead of 4 kB ones, about 1.5x either on a SYSU-sized batch per core
-# (bench/bench_input.py). Where a tensor lives changes none of its values.
+# faulted in 2 MB pages instead of 4 kB ones, 1.4-2.6x faster per core at SYSU size, while a CPU
+# backbone at SYSU size ran about 7% slower (bench/bench_input.py; README, Training input pipeline). Where a
+# tensor lives changes none of its values.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import numpy as np
