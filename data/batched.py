@@ -211,7 +211,7 @@ def normalize_(x, chan, mean, std, from_bytes=False):
     """
     chan = chan.to(x.device)
     mean, std = mean[chan][:, :, None, None], std[chan][:, :, None, None]
-    step = len(x) if x.device.type != "cpu" else max(1, CPU_BLOCK_BYTES * len(x) // max(x.nbytes, 1))
+    step = max(1, len(x) if x.device.type != "cpu" else CPU_BLOCK_BYTES * len(x) // max(x.nbytes, 1))
     for i in range(0, len(x), step):
         block = x[i:i + step]
         if from_bytes:
