@@ -268,9 +268,10 @@ def augment_view(parts, mean, std, fill, shape):
     parts: the view's images in parts (all of one crop), each {"crop": uint8 [m, C, H, W], "pos": int64 [m]
     batch positions, "jitter": (sequences, factors) or None, "linear": LinearMasks or None, "tail": groups},
     a group {"idx": rows of the part, "chan": int64 [k, 1 or 3] the channel each output plane is, "rect",
-    "grey", "all": the group is the whole part}: a part's images go through ColorJitter, ToTensor and
-    LinearTransform, then each group through Normalize, erasing and the channel step. C = 1 crops one channel:
-    the channel a group keeps, or (grey images) the one channel all three repeat.
+    "grey", "all": the group is the whole part}: a part's images go through ColorJitter and LinearTransform
+    (ToTensor's division just before it), then each group through ToTensor's division where it has not run yet,
+    Normalize, erasing and the channel step. C = 1 crops one channel: the channel a group keeps, or (grey
+    images) the one channel all three repeat.
     """
     dev = mean.device
     first = parts[0]
@@ -289,15 +290,11 @@ def _part(part, mean, std, fill, out):
     if part["jitter"] is not None:                                        # ColorJitter, before ToTensor
         seqs, factors = part["jitter"]
         color_jitter_(x, seqs, factors.to(dev))
-    tail = part["tail"]
-    # Where nothing comes between ToTensor and Normalize (no LinearTransform, and the whole part one group
-    # with its planes as cropped), ToTensor's / 255 runs inside Normalize's blocks.
-    fused = part["linear"] is None and len(tail) == 1 and tail[0]["all"] and x.shape[1] == tail[0]["chan"].shape[1]
-    if not fused:
-        x.div_(255)                                                       # ToTensor
-        if part["linear"] is not None:
-            linear_(x, part["linear"])
-    for g in tail:
+    linear = part["linear"]
+    if linear is not None:                       # LinearTransform works on ToTensor's values: divide first
+        x.div_(255)
+        linear_(x, linear)
+    for g in part["tail"]:
         idx, three = g["idx"].to(dev), g["chan"].shape[1] == 3
         if x.shape[1] == 3 and not three:
             y = x[idx, g["chan"][:, 0].to(dev)][:, None]                      # the kept channel
@@ -305,7 +302,7 @@ def _part(part, mean, std, fill, out):
             y = x.index_select(0, idx).expand(-1, 3, -1, -1).contiguous()     # a grey image's one channel
         else:
             y = x if g["all"] else x.index_select(0, idx)
-        normalize_(y, g["chan"], mean, std, from_bytes=fused)
+        normalize_(y, g["chan"], mean, std, from_bytes=linear is None)        # with ToTensor's / 255 if not yet
         erase_(y, g["chan"], g["rect"], fill)
         if y.shape[1] == 3:
             grey_(y, g["grey"])
