@@ -14,7 +14,8 @@ SYSU preset's images (288x144, from bench/bench_input.py's source JPEGs and the 
   also checks all 2^24 RGB triples at a few hue shifts (about a minute);
 - the floor: a fresh float32 batch of the same images written once.
 Compilation is dynamic in the batch size (the parts of a view differ in size from batch to batch; the tail
-also with static shapes), into a fresh cache folder, so the seconds printed are a first compile's. Every figure is CPU time per image of this process (1 thread), the best of --repeats.
+also with static shapes), into a fresh cache folder: no kernels come from earlier runs. Every figure
+is this process's CPU time (1 thread), the best of --repeats.
 
     python bench/bench_fusion.py
     python bench/bench_fusion.py --exhaustive
@@ -106,7 +107,8 @@ def views(images, seed):
     batches = bench_input.index_batches(images, images, 144, 2, np.random.default_rng(seed))
     parts = []
     for stage, key in ((2, "v0"), (1, "v1")):
-        data = L.CachedTrainBatches(*caches, transforms.train_transforms(288, 144, stage, "mult", pad=10), batches, seed)
+        pipelines = transforms.train_transforms(288, 144, stage, "mult", pad=10)
+        data = L.CachedTrainBatches(*caches, pipelines, batches, seed)
         parts.append((data, data.plan(1)[key]))
     return parts
 
