@@ -55,8 +55,8 @@ def fused_tail(crop, mean, std, fill, rect):
 def pil_hue(x, shift):
     """PIL's RGB -> HSV, the hue byte + shift (wrapping), HSV -> RGB, in PIL's own float32 / double steps.
 
-    x: float32 [m, 3, H, W] holding 8-bit values; shift: int32 [m, 1, 1] = int(255 f) mod 256. To HSV: V = max;
-    S = int(255 (max - min) / max); H = int(255 fmod(h / 6 + 1, 1)), h from the channels' distances to the
+    x: float32 [m, 3, H, W] holding 8-bit values; shift: int32 [m, 1, 1], data.batched.hue_shift of the factor.
+    To HSV: V = max; S = int(255 (max - min) / max); H = int(255 fmod(h / 6 + 1, 1)), h from the channels' distances to the
     maximum divided by max - min (float32), plus 2 or 4 (double) when green or blue is the maximum; a grey has
     H = S = 0. Back: sector i = floor(6 H / 255), f = 6 H / 255 - i (float32), and p, q, t = round(V w) with
     w = 1 - S / 255, 1 - f S / 255, 1 - (S - f S) / 255; the sector places V, p, q, t in the channels.
@@ -137,7 +137,7 @@ def main():
     colour = hue_parts[0]                                   # the colour images (grey ones have no hue)
     rgb = colour["crop"].to(torch.float32)
     f = colour["jitter"][1][:, 3]
-    shift = torch.trunc(f * 255).to(torch.int32).remainder_(256).view(-1, 1, 1)
+    shift = B.hue_shift(f).view(-1, 1, 1)
 
     def eager_hue():
         x = rgb.clone()
@@ -165,8 +165,8 @@ def main():
     except Exception as err:                               # no C++ compiler, or inductor cannot build here
         rows.append(("torch.compile", 0, float("nan"), f"unavailable: {type(err).__name__}: {err}"[:200]))
 
-    print(f"\nSYSU preset 288x144, one core (CPU time, best of {args.repeats}; THP_MEM_ALLOC_ENABLE="
-          f"{os.environ['THP_MEM_ALLOC_ENABLE']}); equal: bit for bit against data.batched on these images")
+    print(f"\nSYSU preset 288x144, one core (CPU time, best of {args.repeats}; {bench_input.huge_pages()}); "
+          "equal: bit for bit against data.batched on these images")
     print("| step | images | ms | images/s per core | note |\n|---|---|---|---|---|")
     for name, n, ms, note in rows:
         print(f"| {name} | {n} | {ms:.1f} | {n / ms * 1e3 if n else float('nan'):.0f} | {note} |")
@@ -176,7 +176,7 @@ def main():
         triples = torch.stack([every >> 16, (every >> 8) & 255, every & 255]).float().view(1, 3, 4096, 4096)
         for f in (0.0, 0.1, -0.25, 0.5, -0.5):
             f = torch.tensor([f], dtype=torch.float64)
-            shift = torch.trunc(f * 255).to(torch.int32).remainder_(256).view(1, 1, 1)
+            shift = B.hue_shift(f).view(1, 1, 1)
             want = triples.clone()
             B._hue(want, f)
             wrong = int((pil_hue(triples, shift) != want).sum())

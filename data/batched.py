@@ -146,11 +146,16 @@ def _hue(x, f):
     v = x.to(torch.int32)
     rgb = (v[:, 0] << 16).bitwise_or_(v[:, 1] << 8).bitwise_or_(v[:, 2]).view(-1)        # 65536 R + 256 G + B
     hsv = to_hsv.index_select(0, rgb).view(m, height, width)                           # 65536 H + 256 S + V
-    shift = torch.trunc(f * 255).to(torch.int32).remainder_(256).view(m, 1, 1) << 16   # f: float64, as drawn
+    shift = hue_shift(f).view(m, 1, 1) << 16
     hsv = (hsv + shift).bitwise_and_(0xFFFFFF)                                         # the hue byte wraps
     out = to_rgb.index_select(0, hsv.view(-1)).view(m, height, width)
     for c, bits in enumerate((16, 8, 0)):
         x[:, c] = (out >> bits).bitwise_and_(255)
+
+
+def hue_shift(f):
+    """The hue byte's shift of each hue factor, int(255 f) mod 256 (torchvision's): int32, f float64 as drawn."""
+    return torch.trunc(f * 255).to(torch.int32).remainder_(256)
 
 
 ADJUST = (_brightness, _contrast, _saturation, _hue)
