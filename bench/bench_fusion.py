@@ -58,8 +58,9 @@ def pil_hue(x, shift):
     x: float32 [m, 3, H, W] holding 8-bit values; shift: int32 [m, 1, 1], data.batched.hue_shift of the factor.
     To HSV: V = max; S = int(255 (max - min) / max); H = int(255 fmod(h / 6 + 1, 1)), h from the channels'
     distances to the maximum divided by max - min (float32), plus 2 or 4 (double) when green or blue is the
-    maximum; a grey has H = S = 0. Back: sector i = floor(6 H / 255), f = 6 H / 255 - i (float32), and p, q, t = round(V w) with
-    w = 1 - S / 255, 1 - f S / 255, 1 - (S - f S) / 255; the sector places V, p, q, t in the channels.
+    maximum; a grey has H = S = 0. Back: sector i = floor(6 H / 255), f = 6 H / 255 - i (float32), and p, q, t =
+    round(V w) with w = 1 - S / 255, 1 - f S / 255, 1 - (S - f S) / 255; the sector places V, p, q, t in the
+    channels.
     """
     r, g, b = x.unbind(1)
     top = torch.maximum(torch.maximum(r, g), b)
