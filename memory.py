@@ -76,15 +76,15 @@ def stage_one_loss(banks, feats_v0, feats_v1, feats_r, y_v, y_r):
     """Stage one, docs/mult.md §7.2, Eq. (7.3):
     L_stage1 = CE(s(v0; M_v), ℓ^v) + CE(s(v1; M_v), ℓ^v) + CE(s(r; M_r), ℓ^r).
 
-    banks {"v": M_v [K_v, D], "r": M_r [K_r, D]}; feats_v0, feats_v1 [B_v, D] (two visible views);
+    banks {"vis": M_v [K_v, D], "ir": M_r [K_r, D]}; feats_v0, feats_v1 [B_v, D] (two visible views);
     feats_r [B_r, D]; y_v int [B_v] in 0..K_v-1, y_r int [B_r] in 0..K_r-1 (DBSCAN outliers are
     dropped by the sampler). Returns (loss, updates), updates in call order.
     """
-    _check_inputs(banks, ("v", "r"), feats_v0, feats_v1, feats_r)
+    _check_inputs(banks, ("vis", "ir"), feats_v0, feats_v1, feats_r)
     updates = []
-    s_v0 = _read(banks, "v", feats_v0, y_v, updates, "y_v", allow_outliers=False)
-    s_v1 = _read(banks, "v", feats_v1, y_v, updates, "y_v", allow_outliers=False)
-    s_r = _read(banks, "r", feats_r, y_r, updates, "y_r", allow_outliers=False)
+    s_v0 = _read(banks, "vis", feats_v0, y_v, updates, "y_v", allow_outliers=False)
+    s_v1 = _read(banks, "vis", feats_v1, y_v, updates, "y_v", allow_outliers=False)
+    s_r = _read(banks, "ir", feats_r, y_r, updates, "y_r", allow_outliers=False)
     y_v, y_r = y_v.long().to(s_v0.device), y_r.long().to(s_r.device)
     loss = F.cross_entropy(s_v0, y_v) + F.cross_entropy(s_v1, y_v) + F.cross_entropy(s_r, y_r)
     return loss, updates
@@ -94,10 +94,14 @@ def stage_two_loss(banks, feats_v0, feats_v1, feats_r, hard, soft, epoch, oclr=T
     """Stage two, AMIRL (docs/mult.md §7.4) + OCLR (§7.5): L_stage2 = L_ms + L_ma + L_oclr, every
     weight 1 (Eq. (7.11)); even epochs Eqs. (7.5)-(7.7), odd epochs Eqs. (7.8)-(7.10).
 
-    banks: "v" M_v [K_v], "r" M_r [K_r], "rv" M_{r→v} [K_v], "vr" M_{v→r} [K_r],
-           "cv" M_{c,v} [K_v], "cr" M_{c,r} [K_r] (each ClusterMemory with D columns).
+    banks (each a ClusterMemory with D columns), named by label space and by whose features update them:
+           "vis" M_v [K_v] and "ir" M_r [K_r], each modality in its own clusters;
+           "ir_to_vis" M_{r→v} [K_v], infrared features under their transferred visible labels;
+           "vis_to_ir" M_{v→r} [K_r], visible features under their transferred infrared labels;
+           "unified_vis" M_{c,v} [K_v] and "unified_ir" M_{c,r} [K_r], both modalities in one label space.
     feats_v0, feats_v1 [B_v, D] visible views; feats_r [B_r, D].
-    hard: int labels h_vv, h_vr [B_v] and h_rr, h_rv [B_r] (keys "vv", "vr", "rr", "rv").
+    hard: int labels h_vv ("vis"), h_vr ("vis_to_ir") [B_v] and h_rr ("ir"), h_rv ("ir_to_vis") [B_r]: a label
+          key names the samples' modality and, after "_to_", the label space it points into.
     soft: β-mixed Ŷ_vv [B_v, K_v], Ŷ_vr [B_v, K_r], Ŷ_rr [B_r, K_r], Ŷ_rv [B_r, K_v].
     epoch: the ABSOLUTE epoch; even -> visible label space (13 terms), odd -> infrared label
     space (14 terms); oclr=False drops the 6 L_oclr terms (ablation).
@@ -107,9 +111,9 @@ def stage_two_loss(banks, feats_v0, feats_v1, feats_r, hard, soft, epoch, oclr=T
     if int(epoch) != epoch:
         raise ValueError(f"stage_two_loss: epoch must be an integer, got {epoch!r}")
     even = int(epoch) % 2 == 0
-    _check_inputs(banks, ("v", "r", "rv", "cv") if even else ("v", "r", "vr", "cr"),
-                  feats_v0, feats_v1, feats_r)
-    for key in ("vv", "vr", "rr", "rv"):
+    needed = ("vis", "ir", "ir_to_vis", "unified_vis") if even else ("vis", "ir", "vis_to_ir", "unified_ir")
+    _check_inputs(banks, needed, feats_v0, feats_v1, feats_r)
+    for key in ("vis", "vis_to_ir", "ir", "ir_to_vis"):
         if key not in hard or key not in soft:
             raise KeyError(f"stage_two_loss: hard and soft need key {key!r}")
     u = []
@@ -124,25 +128,28 @@ def stage_two_loss(banks, feats_v0, feats_v1, feats_r, hard, soft, epoch, oclr=T
     def s_hat(name, feats):    # ŝ(x; M), a plain read: no update
         return banks[name].logits(feats)
 
-    if even:   # visible label space: M_v, M_r, M_{r→v} ("rv"), M_{c,v} ("cv")
-        v0_v, v1_v = s("v", v0, "vv"), s("v", v1, "vv")
-        r_r, r_rv = s("r", r, "rr"), s("rv", r, "rv")
-        v0_c, v1_c, r_c = s("cv", v0, "vv"), s("cv", v1, "vv"), s("cv", r, "rv")
-        l_ms = ce(v0_v, "vv") + ce(v1_v, "vv") + ce(r_r, "rr") + ce(r_rv, "rv")             # (7.5)
-        l_ma = ce(v0_c, "vv") + ce(v1_c, "vv") + ce(r_c, "rv")                              # (7.6)
+    if even:   # visible label space: M_v, M_r, M_{r→v}, M_{c,v}
+        v0_v, v1_v = s("vis", v0, "vis"), s("vis", v1, "vis")
+        r_r, r_rv = s("ir", r, "ir"), s("ir_to_vis", r, "ir_to_vis")
+        v0_c, v1_c = s("unified_vis", v0, "vis"), s("unified_vis", v1, "vis")
+        r_c = s("unified_vis", r, "ir_to_vis")
+        l_ms = ce(v0_v, "vis") + ce(v1_v, "vis") + ce(r_r, "ir") + ce(r_rv, "ir_to_vis")           # (7.5)
+        l_ma = ce(v0_c, "vis") + ce(v1_c, "vis") + ce(r_c, "ir_to_vis")                            # (7.6)
         if oclr:   # targets: the other view on M_v, infrared on M_{r→v}; then the other bank (7.7)
-            l_oclr = (sce(v0_c, v1_v) + sce(v1_c, v0_v) + sce(r_c, r_rv) + sce(v0_c, s_hat("rv", v1))
-                      + sce(v1_c, s_hat("rv", v0)) + sce(r_c, s_hat("v", r)))
-    else:      # infrared label space: M_v, M_r, M_{v→r} ("vr"), M_{c,r} ("cr")
-        v0_v, v1_v = s("v", v0, "vv"), s("v", v1, "vv")
-        v0_vr, v1_vr, r_r = s("vr", v0, "vr"), s("vr", v1, "vr"), s("r", r, "rr")
-        v0_c, v1_c, r_c = s("cr", v0, "vr"), s("cr", v1, "vr"), s("cr", r, "rr")
-        l_ms = (ce(v0_v, "vv") + ce(v1_v, "vv") + ce(v0_vr, "vr") + ce(v1_vr, "vr")
-                + ce(r_r, "rr"))                                                             # (7.8)
-        l_ma = ce(v0_c, "vr") + ce(v1_c, "vr") + ce(r_c, "rr")                              # (7.9)
+            l_oclr = (sce(v0_c, v1_v) + sce(v1_c, v0_v) + sce(r_c, r_rv) + sce(v0_c, s_hat("ir_to_vis", v1))
+                      + sce(v1_c, s_hat("ir_to_vis", v0)) + sce(r_c, s_hat("vis", r)))
+    else:      # infrared label space: M_v, M_r, M_{v→r}, M_{c,r}
+        v0_v, v1_v = s("vis", v0, "vis"), s("vis", v1, "vis")
+        v0_vr, v1_vr = s("vis_to_ir", v0, "vis_to_ir"), s("vis_to_ir", v1, "vis_to_ir")
+        r_r = s("ir", r, "ir")
+        v0_c, v1_c = s("unified_ir", v0, "vis_to_ir"), s("unified_ir", v1, "vis_to_ir")
+        r_c = s("unified_ir", r, "ir")
+        l_ms = (ce(v0_v, "vis") + ce(v1_v, "vis") + ce(v0_vr, "vis_to_ir") + ce(v1_vr, "vis_to_ir")
+                + ce(r_r, "ir"))                                                                   # (7.8)
+        l_ma = ce(v0_c, "vis_to_ir") + ce(v1_c, "vis_to_ir") + ce(r_c, "ir")                       # (7.9)
         if oclr:   # targets: the other view on M_{v→r}, infrared on M_r; then the other bank (7.10)
-            l_oclr = (sce(v0_c, v1_vr) + sce(v1_c, v0_vr) + sce(r_c, r_r) + sce(v0_c, s_hat("r", v1))
-                      + sce(v1_c, s_hat("r", v0)) + sce(r_c, s_hat("vr", r)))
+            l_oclr = (sce(v0_c, v1_vr) + sce(v1_c, v0_vr) + sce(r_c, r_r) + sce(v0_c, s_hat("ir", v1))
+                      + sce(v1_c, s_hat("ir", v0)) + sce(r_c, s_hat("vis_to_ir", r)))
     if not oclr:
         l_oclr = torch.zeros((), dtype=l_ms.dtype, device=l_ms.device)
     ms, ma, oc = torch.stack([l_ms, l_ma, l_oclr]).detach().tolist()   # one device sync
@@ -416,7 +423,7 @@ def _check_inputs(banks, names, feats_v0, feats_v1, feats_r):
     for name in names:
         if name not in banks:
             raise KeyError(f"banks: missing bank {name!r}; have {sorted(banks)}")
-    d = banks["v"].bank.shape[1]
+    d = banks["vis"].bank.shape[1]
     for f, fname in ((feats_v0, "feats_v0"), (feats_v1, "feats_v1"), (feats_r, "feats_r")):
         _check_feats(f, d, fname)
     if feats_v0.shape != feats_v1.shape:

@@ -47,8 +47,6 @@ import os
 import sys
 import time
 
-# Idle OpenMP threads otherwise spin and steal the CPU on a shared machine; set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
@@ -56,7 +54,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import clustering  # noqa: E402
-import diagnostics  # noqa: E402
+from plumbing import diagnostics  # noqa: E402
 import mult  # noqa: E402
 
 # The base setting: SYSU-like 2:1 visible:infrared images, 4 visible and 2 infrared cameras.
@@ -390,7 +388,7 @@ def main(args):
           f"k2 {args.k2}, min_samples {args.min_samples}); seeds {args.seed0}..{args.seed0 + args.seeds - 1}; "
           f"alpha {args.alpha}, temp {args.temp}, lambda {args.lam}, beta {args.beta}, affinity {args.affinity}"
           f"{'; ablation' if args.ablate else ''}; threads {torch.get_num_threads()}, OMP_WAIT_POLICY "
-          f"{os.environ['OMP_WAIT_POLICY']}", flush=True)
+          f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}", flush=True)
     rows, dump = [], []
     for name in settings:
         t = time.perf_counter()

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
@@ -33,7 +32,7 @@ PRESETS = {"SYSU-MM01 (ResNet-50, 12 x 12)": ("resnet50", 144), "demo (ResNet-18
 
 def volumes(arch, batch, world):
     """Bytes a rank receives per iteration: {item: bytes} for MULT stage one and two."""
-    model = TwoStreamNet(arch, "none")
+    model = TwoStreamNet(arch)
     d = model.feature_dim
     bn = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     bn_floats = sum(1 + 2 * m.num_features for m in bn)

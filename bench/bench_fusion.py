@@ -26,7 +26,6 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")     # as train.py and bench/bench_input.py
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,10 +35,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import bench_input  # noqa: E402
-from data import batched as B  # noqa: E402
-from data import loader as L  # noqa: E402
+from data.fast import batched as B  # noqa: E402
+from data.fast import loader as L  # noqa: E402
 from data import transforms  # noqa: E402
-from data.cache import build_cache  # noqa: E402
+from data.fast.cache import build_cache  # noqa: E402
 
 
 def fused_tail(crop, mean, std, fill, rect):

@@ -49,8 +49,6 @@ import sys
 import tempfile
 import time
 
-# Idle OpenMP threads otherwise spin and steal the CPU on a shared machine; set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Transparent huge pages for CPU tensors of 2 MB and more, as train.py sets them; THP_MEM_ALLOC_ENABLE=0 in the
 # environment measures without (every setting's process inherits it).
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
@@ -209,7 +207,7 @@ def time_pil(vis, ir, tfm, batches, seed):
 
 def time_cached(caches, tfm, batches, seed, device):
     """Seconds per batch on `device`: the whole CachedTrainBatches item, and its parts (plan, v0, v1, r)."""
-    from data.loader import CachedTrainBatches
+    from data.fast.loader import CachedTrainBatches
     data = CachedTrainBatches(caches[VIS], caches[IR], tfm, batches, seed, device=device)
     data[0]
     t = clock(device)
@@ -228,7 +226,8 @@ def time_extract(vis, cache, height, width, interpolation, batch=128):
     visible image (data.loader.ImageDataset, cache None) or reading it from the decode-once cache
     (data.loader.CachedImageDataset); the test transform's ToTensor and Normalize either way."""
     from torch.utils.data import DataLoader
-    from data.loader import CachedImageDataset, ImageDataset
+    from data.fast.loader import CachedImageDataset
+    from data.loader import ImageDataset
     tfm = transforms.test_transform(height, width, interpolation)
     if cache is None:
         loader = DataLoader(ImageDataset(vis, tfm), batch_size=batch, shuffle=False, num_workers=0)
@@ -262,7 +261,7 @@ def time_floor(height, width, images, device, repeats=4):
 
 def time_backbone(arch, height, width, pairs, iters, device):
     """Images per second of forward + backward of TwoStreamNet at `pairs` (v0, v1, r) triples."""
-    model = TwoStreamNet(arch, "none").to(device).train()
+    model = TwoStreamNet(arch).to(device).train()
     gen = torch.Generator().manual_seed(0)
     x_vis = torch.randn(2 * pairs, 3, height, width, generator=gen).to(device)
     x_ir = torch.randn(pairs, 3, height, width, generator=gen).to(device)
@@ -318,7 +317,7 @@ def main(args):
             interpolation = "bilinear" if args.method == "mult" else "bicubic"
             caches = None
             if "cached" in args.input:
-                from data.cache import build_cache
+                from data.fast.cache import build_cache
                 caches, build = {}, 0.0
                 for images in (vis, ir):
                     t = clock(torch.device("cpu"))

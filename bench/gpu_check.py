@@ -28,9 +28,6 @@ import os
 import sys
 import time
 
-# Idle OpenMP threads otherwise spin and steal the CPU from the working thread on a shared machine
-# (bench/bench_clustering.py); set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -262,7 +259,7 @@ def training_throughput(args, device):
 def time_training(args, device, amp, channels_last):
     """`warmup` then `iters` timed steps of the stage-one loss on fixed generated images (no data loading)."""
     torch.manual_seed(args.seed)
-    model = TwoStreamNet(args.arch, pretrained="none").to(device).train()
+    model = TwoStreamNet(args.arch).to(device).train()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=5e-4)
@@ -270,7 +267,7 @@ def time_training(args, device, amp, channels_last):
     g = torch.Generator().manual_seed(args.seed)
     images = [torch.randn(b, 3, args.height, args.width, generator=g).to(device, memory_format=fmt)
               for _ in range(3)]                                              # v0, v1, r: [B, 3, H, W] each
-    banks = {m: memory.ClusterMemory(torch.randn(k, d, generator=g).to(device)) for m in ("v", "r")}
+    banks = {m: memory.ClusterMemory(torch.randn(k, d, generator=g).to(device)) for m in ("vis", "ir")}
     y_v, y_r = (torch.randperm(k, generator=g)[:args.clusters].repeat_interleave(args.instances).to(device)
                 for _ in range(2))                                            # [B] each, clusters x instances
     if device.type == "cuda":
@@ -329,7 +326,7 @@ def one_epoch(args, device):
 
     n_v, n_r = args.sizes
     torch.manual_seed(args.seed)
-    model = TwoStreamNet(args.arch, pretrained="none").to(device)
+    model = TwoStreamNet(args.arch).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=5e-4)
     if args.extract:   # the cost of extraction; its features (of an untrained network) are not used
         phase("extraction", extract_generated, model, n_v + n_r, args, device,
@@ -345,8 +342,8 @@ def one_epoch(args, device):
     banks = phase("memories", stage_two_banks, feat_v, feat_r, lab_v, lab_r, detail="six ClusterMemory banks")
     mixed = lt.mixed(0.7)
     hard = {k: torch.as_tensor(v, device=device) for k, v in
-            (("vv", lt.labels_v), ("rr", lt.labels_r), ("vr", lt.cross_v), ("rv", lt.cross_r))}
-    soft = {"vv": mixed.soft_v, "rr": mixed.soft_r, "vr": mixed.soft_cross_v, "rv": mixed.soft_cross_r}
+            (("vis", lt.labels_v), ("ir", lt.labels_r), ("vis_to_ir", lt.cross_v), ("ir_to_vis", lt.cross_r))}
+    soft = {"vis": mixed.soft_v, "ir": mixed.soft_r, "vis_to_ir": mixed.soft_cross_v, "ir_to_vis": mixed.soft_cross_r}
     rng = np.random.default_rng(args.seed)
     batches = samplers.stage_two_batches(lt.labels_v, lt.cross_r, lt.cross_v, lt.labels_r, args.epoch_iters,
                                          args.clusters, args.instances, rng)  # [iters, B, 2]
@@ -383,8 +380,8 @@ def stage_two_banks(feat_v, feat_r, lab_v, lab_r):
     M_r, M_vr, M_cr over infrared ones."""
     c_v = clustering.cluster_centers(feat_v, lab_v)                           # [K_v, D]
     c_r = clustering.cluster_centers(feat_r, lab_r)                           # [K_r, D]
-    return {name: memory.ClusterMemory(c_v if name in ("v", "rv", "cv") else c_r)
-            for name in ("v", "r", "rv", "vr", "cv", "cr")}
+    return {name: memory.ClusterMemory(c_v if name in ("vis", "ir_to_vis", "unified_vis") else c_r)
+            for name in ("vis", "ir", "ir_to_vis", "vis_to_ir", "unified_vis", "unified_ir")}
 
 
 def train_stage_two(model, optimizer, banks, batches, hard, soft, args, device):
@@ -398,7 +395,7 @@ def train_stage_two(model, optimizer, banks, batches, hard, soft, args, device):
     losses = []
     for it in range(len(batches)):
         vi, ri = idx[it, :, 0], idx[it, :, 1]                                 # [B], [B]
-        rows = {k: vi if k[0] == "v" else ri for k in ("vv", "vr", "rr", "rv")}
+        rows = {k: vi if k.startswith("vis") else ri for k in hard}
         loss, _, updates = memory.stage_two_loss(banks, *forward(model, images, amp, device),
                                                  {k: hard[k][i] for k, i in rows.items()},
                                                  {k: soft[k][i] for k, i in rows.items()}, STAGE_TWO_EPOCH)

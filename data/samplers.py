@@ -4,7 +4,8 @@ MULT (He et al., IJCV 2024), docs/mult.md §1.5, Eq. (1.6): stage one draws `clu
 independently, `clusters` infrared clusters per batch; stage two draws clusters/2 visible-space
 and clusters/2 infrared-space clusters, each contributing `instances` (visible, infrared) pairs.
 MBMIL (Wang et al., AAAI 2026), docs/mbmil.md §A.4: its per-modality PK batches (P clusters x
-K instances, drawn independently per modality, camera-free) are `stage_one_batches`' draw.
+K instances, drawn independently per modality, camera-free) are `stage_one_batches`' draw; its subset
+rule (§A.2), which visible rows each step clusters, is `visible_split`.
 
 Only pseudo-labels enter here, never ground-truth ids; `rng` is required (no global RNG).
 A whole epoch is built at once; each function returns int64 row indices [num_batches, B, 2]
@@ -98,6 +99,16 @@ def stage_two_batches(h_vv, h_rv, h_vr, h_rr, num_batches, clusters=12, instance
     rows_ir = np.concatenate([rv.draw(chosen_v, instances, rng),
                               rr.draw(chosen_r, instances, rng)], axis=1)    # [nb, B]
     return np.stack([rows_vis, rows_ir], axis=2)
+
+
+def visible_split(n_v, ratio, rng):
+    """The subset rule (§A.2): the visible set split at random each epoch, one part for the intra step, the
+    complement for the global step; ratio 1.0 gives every visible image to both. -> (intra rows, global rows)."""
+    if ratio >= 1.0:
+        return np.arange(n_v), np.arange(n_v)
+    perm = rng.permutation(n_v)
+    cut = int(round(ratio * n_v))
+    return np.sort(perm[:cut]), np.sort(perm[cut:])
 
 
 class _Members:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+import metrics
 import clustering
-import diagnostics
-import evaluate
+from plumbing import diagnostics
 import mult
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
@@ -79,7 +79,7 @@ def test_tie_map_matches_an_exact_enumeration_and_eval_regdb():
         assert ba.tie_map(scores, pid_q, pid_g, block=3) == pytest.approx(_exact_map(scores, pid_q, pid_g))
     scores = rng.random((30, 20))                                             # no ties: the usual mAP
     pid_q, pid_g = rng.integers(0, 4, 30), np.r_[np.arange(4), rng.integers(0, 4, 16)]
-    _, mean_ap, _ = evaluate.eval_regdb(-scores, pid_q, pid_g)
+    _, mean_ap, _ = metrics.eval_regdb(-scores, pid_q, pid_g)
     assert ba.tie_map(scores, pid_q, pid_g) == pytest.approx(mean_ap)
 
 

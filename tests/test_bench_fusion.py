@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from data import batched as B
+from data.fast import batched as B
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 import bench_fusion as bf  # noqa: E402

@@ -7,7 +7,7 @@ import pytest
 
 import clustering
 import train
-from data.synthetic import render_llcm, render_regdb
+from demo.synthetic import render_llcm, render_regdb
 
 TINY = ["--arch", "resnet18", "--pretrained", "none", "--height", "32", "--width", "16", "--k1", "6", "--k2", "2",
         "--clusters", "2", "--instances", "2", "--iters", "2", "--eval-trials", "1", "--extract-batch", "64",
@@ -58,18 +58,18 @@ def test_regdb_ten_splits_resume_after_an_interruption(tmp_path, monkeypatch, ca
             *TINY, "--epochs", "1", "--stage-one-epochs", "1"]
     real, trained = train.mult_epoch, []
 
-    def interrupted_at_split_3(model, optimizer, vis, ir, epoch, args, log):
+    def interrupted_at_split_3(model, optimizer, vis, ir, epoch, args):
         if args.trial == 3:
             raise KeyboardInterrupt
         trained.append(args.trial)
-        return real(model, optimizer, vis, ir, epoch, args, log)
+        return real(model, optimizer, vis, ir, epoch, args)
     monkeypatch.setattr(train, "mult_epoch", interrupted_at_split_3)
     assert cli(*argv)[0] == 130
     assert trained == [1, 2] and not (tmp_path / "ten" / "summary.txt").exists()
 
-    def counted(model, optimizer, vis, ir, epoch, args, log):
+    def counted(model, optimizer, vis, ir, epoch, args):
         trained.append(args.trial)
-        return real(model, optimizer, vis, ir, epoch, args, log)
+        return real(model, optimizer, vis, ir, epoch, args)
     monkeypatch.setattr(train, "mult_epoch", counted)
     trained.clear()
     status, summary = cli(*argv)

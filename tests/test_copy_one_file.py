@@ -1,6 +1,7 @@
-"""Each stage file works when copied ALONE into another codebase (STYLE.md point 1).
+"""Each stage file works when copied ALONE into another codebase: it imports torch, numpy, scipy and the standard
+library only (model.py: torchvision's ResNets too), never another file of this project.
 
-clustering.py, mult.py and memory.py are each copied into an empty folder of their own; one child
+clustering.py, mult.py, memory.py and model.py are each copied into an empty folder of their own; one child
 Python process (sys.executable, so torch is imported once) puts only that folder on sys.path, never
 the repository, installs an import hook (a sys.meta_path finder) that refuses every top-level module
 of this project other than the copied one, imports the copy and runs its main functions on small
@@ -16,9 +17,9 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("clustering", "mult", "memory")
-PROJECT = ("clustering", "mult", "memory", "model", "train", "runs", "evaluate", "diagnostics",
-           "data", "pretrain", "bench")
+STAGES = ("clustering", "mult", "memory", "model")
+PROJECT = ("clustering", "mult", "memory", "model", "train", "evaluate", "metrics", "features", "plumbing",
+           "data", "demo", "bench")
 
 CHILD = r'''
 import importlib, importlib.abc, json, os, sys, traceback
@@ -75,21 +76,32 @@ def run_mult(m, gen):
 
 
 def run_memory(m, gen):
-    banks = {"v": m.ClusterMemory(torch.randn(5, 8, generator=gen)),
-             "r": m.ClusterMemory(torch.randn(4, 8, generator=gen))}
+    banks = {"vis": m.ClusterMemory(torch.randn(5, 8, generator=gen)),
+             "ir": m.ClusterMemory(torch.randn(4, 8, generator=gen))}
     f_v0, f_v1, f_r = (torch.randn(b, 8, generator=gen, requires_grad=True) for b in (6, 6, 7))
     y_v, y_r = torch.arange(6) % 5, torch.arange(7) % 4
     loss, updates = m.stage_one_loss(banks, f_v0, f_v1, f_r, y_v, y_r)
     assert loss.shape == () and len(updates) == 3
     loss.backward()
     m.apply_updates(banks, updates)
-    assert banks["v"].bank.shape == (5, 8) and banks["r"].bank.shape == (4, 8)
+    assert banks["vis"].bank.shape == (5, 8) and banks["ir"].bank.shape == (4, 8)
     feats, labels = torch.randn(12, 8, generator=gen), torch.arange(12) % 3
     centers, proto_labels, proto_index = m.split_prototypes(feats, labels, torch.arange(12) % 2)
     memory = m.HybridMemory(centers)
     assert m.global_loss(memory, feats, labels, proto_labels).shape == ()
     memory.update(feats, proto_index)
     assert memory.hard.shape == centers.shape == (6, 8)
+
+
+def run_model(m, gen):
+    torch.manual_seed(0)
+    net = m.TwoStreamNet("resnet18").train()
+    f = net(torch.randn(2, 3, 32, 16, generator=gen), torch.randn(3, 3, 32, 16, generator=gen))
+    assert f.shape == (5, 512)
+    net.eval()
+    with torch.no_grad():
+        g = net.modality_fn()(torch.randn(2, 3, 32, 16, generator=gen), 1)
+    assert g.shape == (2, 512) and torch.allclose(g.norm(dim=1), torch.ones(2))
 
 
 hook = Refuse()
@@ -122,7 +134,6 @@ def child_results(tmp_path_factory):
     (fake / "memory.py").write_text("import clustering\n")
     cases.append(("sibling_import", "memory", str(fake)))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     proc = subprocess.run([sys.executable, "-c", CHILD, REPO, json.dumps(PROJECT), json.dumps(cases)],
                           cwd=str(tmp_path_factory.mktemp("cwd")), env=env, capture_output=True,
                           text=True, timeout=300)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-import diagnostics
+from plumbing import diagnostics
 
 
 def test_pair_precision_recall_hand_checked():

@@ -19,7 +19,7 @@ import torch
 import torch.multiprocessing as mp
 
 import train
-from data.synthetic import render_sysu
+from demo.synthetic import render_sysu
 
 # Adam's first steps move every weight by about ±lr whatever the size of its gradient, so the rounding-level
 # differences of one process and two (the order of the sums in BatchNorm and in the gradient average) flip
@@ -57,13 +57,13 @@ def record_state(dump):
             out = _real(*a, **k)
             if out is not None:
                 epoch = len([f for f in os.listdir(dump) if f.startswith("labels")])
-                np.savez(os.path.join(dump, f"labels{epoch}.npz"), v=out["labels_v"], r=out["labels_r"])
+                np.savez(os.path.join(dump, f"labels{epoch}.npz"), v=out["clusters"]["vis"], r=out["clusters"]["ir"])
             return out
         setattr(train, f"{name}_pseudo_labels", pseudo)
     real_train = train.train_mult
 
-    def train_mult(net, optimizer, loader, banks, epoch, *a, **k):
-        out = real_train(net, optimizer, loader, banks, epoch, *a, **k)
+    def train_mult(net, optimizer, loader, banks, pseudo, epoch, *a, **k):
+        out = real_train(net, optimizer, loader, banks, pseudo, epoch, *a, **k)
         torch.save({n: b.bank for n, b in banks.items()}, os.path.join(dump, f"banks{epoch}_rank{rank}.pt"))
         return out
     train.train_mult = train_mult
@@ -216,17 +216,17 @@ def one_step_gradients(rank, world, port, out, dtype=torch.float32):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
         torch.distributed.init_process_group("gloo")
     torch.set_num_threads(1)
-    import distributed
+    from plumbing import distributed
     import memory
     from model import TwoStreamNet
     torch.manual_seed(0)
-    model = TwoStreamNet("resnet18", "none").to(dtype)
+    model = TwoStreamNet("resnet18").to(dtype)
     gen = torch.Generator().manual_seed(1)
     b = 4                                                     # global batch: 4 positions, 3 images each
     v0, v1, r = (torch.randn(b, 3, 32, 16, generator=gen).to(dtype) for _ in range(3))
     y_v, y_r = torch.randint(0, 5, (b,), generator=gen), torch.randint(0, 5, (b,), generator=gen)
     banks = {k: memory.ClusterMemory(torch.nn.functional.normalize(torch.randn(5, 512, generator=gen), dim=1).to(dtype))
-             for k in ("v", "r")}
+             for k in ("vis", "ir")}
     net = model
     lo, hi = rank * b // world, (rank + 1) * b // world
     if world > 1:

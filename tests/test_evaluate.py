@@ -13,10 +13,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import metrics
+import features
 import evaluate as ev
-import reports
+from plumbing import reports
 from data.common import IR, VIS, ImageList, read_image
-from data.synthetic import render_regdb, render_sysu
+from demo.synthetic import render_regdb, render_sysu
 from data.sysu import sysu_gallery_candidates, sysu_test
 from data.transforms import test_transform
 
@@ -63,13 +65,13 @@ def random_case(seed, num_q, num_g, num_ids):
                                                       (2, 60, 12, 5), (3, 7, 200, 50)])
 @pytest.mark.parametrize("max_rank", [1, 5, 20])
 def test_metrics_match_reference(seed, num_q, num_g, num_ids, max_rank, monkeypatch):
-    monkeypatch.setattr(ev, "QUERY_BLOCK", 16)      # several query blocks, one partial
+    monkeypatch.setattr(metrics, "QUERY_BLOCK", 16)      # several query blocks, one partial
     d, qp, gp, qc, gc = random_case(seed, num_q, num_g, num_ids)
     for sysu in (True, False):
         if sysu:
-            got = ev.eval_sysu(d, qp, gp, qc, gc, max_rank=max_rank, return_valid=True)
+            got = metrics.eval_sysu(d, qp, gp, qc, gc, max_rank=max_rank, return_valid=True)
         else:
-            got = ev.eval_regdb(d, qp, gp, max_rank=max_rank, return_valid=True)
+            got = metrics.eval_regdb(d, qp, gp, max_rank=max_rank, return_valid=True)
         cmc, m_ap, m_inp, n_valid = reference_metrics(d, qp, gp, qc, gc, max_rank, sysu)
         assert got[0].dtype == np.float64 and got[0].shape == (max_rank,)
         np.testing.assert_allclose(got[0], cmc, rtol=0, atol=1e-12)
@@ -90,7 +92,7 @@ def test_metrics_sysu_hand_checked():
     # query 1 (cam 6): list = 1 2 2 1 3 1; hits at p = 1, 4, 6
     #   AP = (1/1 + 2/4 + 3/6) / 3 = 2/3; INP = 3/6; distinct rank 1
     # query 2: id 9 absent -> skipped
-    cmc, m_ap, m_inp, n_valid = ev.eval_sysu(d, q_pids, g_pids, q_cams, g_cams, max_rank=5,
+    cmc, m_ap, m_inp, n_valid = metrics.eval_sysu(d, q_pids, g_pids, q_cams, g_cams, max_rank=5,
                                              return_valid=True)
     np.testing.assert_allclose(cmc, [0.5, 1, 1, 1, 1], atol=1e-15)   # stays past 3 distinct ids
     assert abs(m_ap - (11 / 30 + 2 / 3) / 2) < 1e-15
@@ -102,8 +104,8 @@ def test_metrics_regdb_hand_checked(caplog):
     # query pid 1; ranked gallery pids 2 1 3 1 -> hits at p = 2, 4
     # AP = (1/2 + 2/4) / 2 = 1/2; INP = 2/4; CMC 0 1 1 1, then stays at 1 past G = 4
     d = np.array([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]])
-    with caplog.at_level(logging.WARNING, logger="evaluate"):
-        cmc, m_ap, m_inp = ev.eval_regdb(d, np.array([1, 7]), np.array([2, 1, 3, 1]), max_rank=6)
+    with caplog.at_level(logging.WARNING, logger="metrics"):
+        cmc, m_ap, m_inp = metrics.eval_regdb(d, np.array([1, 7]), np.array([2, 1, 3, 1]), max_rank=6)
     np.testing.assert_array_equal(cmc, [0, 1, 1, 1, 1, 1])
     assert m_ap == 0.5 and m_inp == 0.5
     assert "1 of 2 queries" in caplog.text           # the skipped query is reported
@@ -113,35 +115,35 @@ def test_metric_errors():
     d = np.zeros((2, 3))
     qp, gp, qc, gc = np.array([1, 2]), np.array([1, 2, 3]), np.array([3, 6]), np.array([1, 2, 4])
     with pytest.raises(ValueError, match="NaN"):
-        ev.eval_sysu(np.where(np.eye(2, 3) > 0, np.nan, 0.0), qp, gp, qc, gc)
+        metrics.eval_sysu(np.where(np.eye(2, 3) > 0, np.nan, 0.0), qp, gp, qc, gc)
     with pytest.raises(ValueError, match="empty gallery"):
-        ev.eval_regdb(np.zeros((2, 0)), qp, gp[:0])
+        metrics.eval_regdb(np.zeros((2, 0)), qp, gp[:0])
     with pytest.raises(ValueError, match="empty query"):
-        ev.eval_regdb(np.zeros((0, 3)), qp[:0], gp)
+        metrics.eval_regdb(np.zeros((0, 3)), qp[:0], gp)
     with pytest.raises(ValueError, match="none of the 2 queries"):
-        ev.eval_regdb(d, np.array([8, 9]), gp)
+        metrics.eval_regdb(d, np.array([8, 9]), gp)
     with pytest.raises(ValueError, match="g_pids"):
-        ev.eval_regdb(d, qp, gp[:2])
+        metrics.eval_regdb(d, qp, gp[:2])
     with pytest.raises(ValueError, match="q_camids"):
-        ev.eval_sysu(d, qp, gp, qc[:1], gc)
+        metrics.eval_sysu(d, qp, gp, qc[:1], gc)
     with pytest.raises(ValueError, match="max_rank"):
-        ev.eval_regdb(d, qp, gp, max_rank=0)
+        metrics.eval_regdb(d, qp, gp, max_rank=0)
 
 
 def test_pairwise_distance_and_pixel_model():
     torch.manual_seed(0)
     q, g = F.normalize(torch.randn(5, 7), dim=1), F.normalize(torch.randn(4, 7), dim=1)
-    dist = ev.pairwise_distance(q, g)
+    dist = metrics.pairwise_distance(q, g)
     euclid = ((q.double()[:, None] - g.double()[None]) ** 2).sum(-1).numpy()
     assert dist.dtype == np.float64 and dist.shape == (5, 4)
     np.testing.assert_allclose(dist, euclid, atol=1e-6)     # float32 rows are unit to ~1e-7
     np.testing.assert_allclose(dist, 2 - 2 * (q.double() @ g.double().T).numpy(), atol=1e-15)
     with pytest.raises(ValueError, match="L2-normalised"):
-        ev.pairwise_distance(q * 2, g)
+        metrics.pairwise_distance(q * 2, g)
     with pytest.raises(ValueError, match="feature sizes"):
-        ev.pairwise_distance(q, F.normalize(g[:, :6], dim=1))
+        metrics.pairwise_distance(q, F.normalize(g[:, :6], dim=1))
     x = torch.randn(2, 3, 32, 16)
-    f = ev.pixel_model(x, IR)
+    f = features.pixel_model(x, IR)
     manual = x.reshape(2, 3, 16, 2, 8, 2).mean((3, 5)).flatten(1)   # 2 x 2 blocks
     assert f.shape == (2, 384)
     torch.testing.assert_close(f, manual / manual.norm(dim=1, keepdim=True))
@@ -173,7 +175,7 @@ class CountingModel:
     def __call__(self, x, modality):
         self.seen += x.shape[0]
         self.modalities.add(modality)
-        return ev.pixel_model(x, modality)
+        return features.pixel_model(x, modality)
 
 
 def test_extract_features_flip_average(tmp_path):
@@ -186,18 +188,18 @@ def test_extract_features_flip_average(tmp_path):
         seen.append(modality)
         return x[:, :, :, :3].flatten(1) @ weight
 
-    got = ev.extract_features(toy, images, 32, 16, batch_size=2)
+    got = features.extract_features(toy, images, 32, 16, batch_size=2)
     x = torch.stack([test_transform(32, 16)(read_image(p)) for p in paths])
     f, f_flip = toy(x, IR), toy(torch.flip(x, dims=[3]), IR)
     assert got.dtype == torch.float32 and got.shape == (5, 6) and set(seen) == {IR}
     torch.testing.assert_close(got, F.normalize((f + f_flip) / 2, dim=1), atol=1e-6, rtol=1e-5)
     assert not torch.allclose(got, F.normalize(f, dim=1), atol=1e-3)   # the flip matters
-    torch.testing.assert_close(ev.extract_features(toy, images, 32, 16, flip=False),
+    torch.testing.assert_close(features.extract_features(toy, images, 32, 16, flip=False),
                                F.normalize(f, dim=1), atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="NaN/inf"):
-        ev.extract_features(lambda x, m: toy(x, m) * float("nan"), images, 32, 16)
+        features.extract_features(lambda x, m: toy(x, m) * float("nan"), images, 32, 16)
     with pytest.raises(ValueError, match=r"\[B, D\]"):
-        ev.extract_features(lambda x, m: toy(x, m)[:1], images, 32, 16)
+        features.extract_features(lambda x, m: toy(x, m)[:1], images, 32, 16)
 
 
 def test_evaluate_sysu_features_file_and_ranklist(tmp_path, tiny_sysu):
@@ -211,10 +213,10 @@ def test_evaluate_sysu_features_file_and_ranklist(tmp_path, tiny_sysu):
     # each distinct image extracted once (x2 for the flip): indoor candidates are a subset
     assert model.seen == 2 * (len(query) + len(candidates)) and model.modalities == {VIS, IR}
     # direct computation for one (mode, trial)
-    q_feat = ev.extract_features(ev.pixel_model, query, 32, 16)
+    q_feat = features.extract_features(features.pixel_model, query, 32, 16)
     _, gallery = sysu_test(root, mode="indoor", trial=1)
-    g_feat = ev.extract_features(ev.pixel_model, gallery, 32, 16)
-    cmc, m_ap, m_inp = ev.eval_sysu(ev.pairwise_distance(q_feat, g_feat), query.pids,
+    g_feat = features.extract_features(features.pixel_model, gallery, 32, 16)
+    cmc, m_ap, m_inp = metrics.eval_sysu(metrics.pairwise_distance(q_feat, g_feat), query.pids,
                                     gallery.pids, query.camids, gallery.camids)
     row = res["indoor"]["trials"][1]
     assert row["trial"] == 1 and row["num_gallery"] == len(gallery)
@@ -269,10 +271,10 @@ def test_evaluate_regdb_and_mean_over_trials(tmp_path, monkeypatch):
     res = ev.evaluate_regdb(model, "unused", 2, height=32, width=16)
     assert model.seen == 2 * 12                      # v2t and t2v share their 12 images
     vis, ir = regdb_test("", 2)
-    dist = ev.pairwise_distance(ev.extract_features(ev.pixel_model, vis, 32, 16),
-                                ev.extract_features(ev.pixel_model, ir, 32, 16))
+    dist = metrics.pairwise_distance(features.extract_features(features.pixel_model, vis, 32, 16),
+                                features.extract_features(features.pixel_model, ir, 32, 16))
     for name, d in (("v2t", dist), ("t2v", dist.T)):
-        cmc, m_ap, _ = ev.eval_regdb(d, vis.pids, ir.pids)
+        cmc, m_ap, _ = metrics.eval_regdb(d, vis.pids, ir.pids)
         row = res[name]["trials"][0]
         assert row["trial"] == 2 and row["R1"] == pytest.approx(100 * cmc[0])
         assert row["mAP"] == pytest.approx(100 * m_ap)
@@ -305,7 +307,7 @@ def test_cli_synthetic(tmp_path, tiny_sysu, capsys):
                    "--device", "cpu", "--workers", "0", "--out", str(out),
                    "--save-features", str(tmp_path / "f.npz")])
     saved = json.loads((out / "results.json").read_text())
-    direct = ev.evaluate_sysu(ev.pixel_model, root, modes=["all"], trials=[0, 1], height=32, width=16)
+    direct = ev.evaluate_sysu(features.pixel_model, root, modes=["all"], trials=[0, 1], height=32, width=16)
     assert saved["results"] == json.loads(json.dumps(direct)) and res == direct
     assert saved["args"]["trials"] == [0, 1] and saved["args"]["dataset"] == "synthetic"
     text = capsys.readouterr().out
@@ -319,7 +321,7 @@ def test_cli_synthetic(tmp_path, tiny_sysu, capsys):
 def test_real_readers_on_synthetic_data(tmp_path, tiny_sysu):
     """Gallery and query sizes with the real readers; RegDB end to end on a rendered split."""
     root, meta = tiny_sysu
-    res = ev.evaluate_sysu(ev.pixel_model, root, trials=[0, 2], height=32, width=16)
+    res = ev.evaluate_sysu(features.pixel_model, root, trials=[0, 2], height=32, width=16)
     for mode in ("all", "indoor"):
         query, gallery = sysu_test(root, mode=mode, trial=2)
         cands = sysu_gallery_candidates(root, mode)
@@ -327,7 +329,7 @@ def test_real_readers_on_synthetic_data(tmp_path, tiny_sysu):
         assert row["num_query"] == len(query) == meta["test_counts"]["ir"]
         assert row["num_gallery"] == len(set(zip(cands.pids.tolist(), cands.camids.tolist())))
     render_regdb(str(tmp_path / "regdb"), num_ids=6, height=32, width=16)
-    reg = ev.evaluate_regdb(ev.pixel_model, str(tmp_path / "regdb"), 2, height=32, width=16)
+    reg = ev.evaluate_regdb(features.pixel_model, str(tmp_path / "regdb"), 2, height=32, width=16)
     assert [r["num_query"] for r in (reg["v2t"]["trials"][0], reg["t2v"]["trials"][0])] == [30, 30]
     assert reg["v2t"]["trials"][0]["trial"] == 2 and 0 < reg["v2t"]["mean"]["R20"] <= 100
 
@@ -339,10 +341,9 @@ def test_cli_checkpoint_uses_its_input_size(tmp_path, tiny_sysu, monkeypatch):
     def model_from_checkpoint(path, device, method=None):
         calls.append((path, device))
         meta = {"height": 32, "width": 16, "dataset": "synthetic", "method": "mult"}
-        return ev.pixel_model, meta
+        return features.pixel_model, meta
 
-    monkeypatch.setitem(sys.modules, "model", types.SimpleNamespace(
-        model_from_checkpoint=model_from_checkpoint))
+    monkeypatch.setattr(ev, "model_from_checkpoint", model_from_checkpoint)
     out = tmp_path / "out"
     ev.main(["--dataset", "synthetic", "--data-root", root, "--checkpoint", "ck.pth", "--mode",
              "indoor", "--trials", "0", "--width", "8", "--device", "cpu", "--workers", "0",
@@ -396,53 +397,53 @@ def rerank_case(seed, num_q, num_g, ties):
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     q, g = x[:num_q], x[num_q:]
     sym = lambda a: (a + a.T) / 2              # noqa: E731  exactly symmetric, as distances are
-    return ev.pairwise_distance(q, g), sym(ev.pairwise_distance(q, q)), sym(ev.pairwise_distance(g, g))
+    return metrics.pairwise_distance(q, g), sym(metrics.pairwise_distance(q, q)), sym(metrics.pairwise_distance(g, g))
 
 
 @pytest.mark.parametrize("seed,num_q,num_g,ties", [(0, 12, 30, False), (1, 20, 25, True), (2, 5, 40, True)])
 @pytest.mark.parametrize("k1,k2,lam", [(20, 6, 0.3), (6, 3, 0.0), (5, 1, 0.5), (7, 12, 1.0)])
 def test_re_ranking_matches_dense_reference(seed, num_q, num_g, ties, k1, k2, lam, monkeypatch):
-    monkeypatch.setattr(ev, "RERANK_BLOCK_BYTES", 4 * 7 * (num_q + num_g))   # blocks of 7 rows
-    monkeypatch.setattr(ev, "RERANK_CHUNK", 500)                             # many sparse chunks
+    monkeypatch.setattr(metrics, "RERANK_BLOCK_BYTES", 4 * 7 * (num_q + num_g))   # blocks of 7 rows
+    monkeypatch.setattr(metrics, "RERANK_CHUNK", 500)                             # many sparse chunks
     qg, qq, gg = rerank_case(seed, num_q, num_g, ties)
-    got = ev.re_ranking(qg, qq, gg, k1=k1, k2=k2, lambda_value=lam)
+    got = metrics.re_ranking(qg, qq, gg, k1=k1, k2=k2, lambda_value=lam)
     assert got.shape == qg.shape and got.dtype == np.float64
     np.testing.assert_allclose(got, reference_re_ranking(qg, qq, gg, k1, k2, lam), rtol=0, atol=1e-6)
 
 
 def test_re_ranking_changes_the_ranking_and_checks_inputs():
     qg, qq, gg = rerank_case(4, 10, 20, False)
-    final = ev.re_ranking(qg, qq, gg)
+    final = metrics.re_ranking(qg, qq, gg)
     assert np.isfinite(final).all() and not np.array_equal(np.argsort(final, 1), np.argsort(qg, 1))
     # lambda 1: the original distance, squared and row-normalised over [qq, qg]
     rows = np.square(np.hstack([qq, qg])).astype(np.float32)
-    np.testing.assert_allclose(ev.re_ranking(qg, qq, gg, lambda_value=1.0),
+    np.testing.assert_allclose(metrics.re_ranking(qg, qq, gg, lambda_value=1.0),
                                (np.square(qg).astype(np.float32) / rows.max(1, keepdims=True)), atol=1e-7)
     for kwargs, text in (({"k1": 0}, "k1"), ({"k1": 30}, "k1"), ({"k2": 31}, "k2"),
                          ({"lambda_value": 1.5}, "lambda_value"), ({"k1": 2.5}, "k1")):
         with pytest.raises(ValueError, match=text):
-            ev.re_ranking(qg, qq, gg, **kwargs)
+            metrics.re_ranking(qg, qq, gg, **kwargs)
     with pytest.raises(ValueError, match="g_g_dist"):
-        ev.re_ranking(qg, qq, gg[:5, :5])
+        metrics.re_ranking(qg, qq, gg[:5, :5])
     with pytest.raises(ValueError, match="NaN"):
-        ev.re_ranking(np.where(qg > 1, np.nan, qg), qq, gg)
+        metrics.re_ranking(np.where(qg > 1, np.nan, qg), qq, gg)
     with pytest.raises(ValueError, match="all zero"):
-        ev.re_ranking(np.zeros((2, 3)), np.zeros((2, 2)), np.zeros((3, 3)), k1=2, k2=1)
+        metrics.re_ranking(np.zeros((2, 3)), np.zeros((2, 2)), np.zeros((3, 3)), k1=2, k2=1)
 
 
 def test_rerank_in_the_runners_and_from_features(tmp_path, tiny_sysu):
     root, _ = tiny_sysu
     npz = str(tmp_path / "f.npz")
-    plain = ev.evaluate_sysu(ev.pixel_model, root, modes=["all"], trials=[0], height=32, width=16,
+    plain = ev.evaluate_sysu(features.pixel_model, root, modes=["all"], trials=[0], height=32, width=16,
                              save_features=npz)
     rr = ev.evaluate_from_features(npz, rerank={"k1": 8, "k2": 3})
     assert plain["all"]["rerank"] is None
     assert rr["all"]["rerank"] == {"k1": 8, "k2": 3, "lambda_value": 0.3}
     query, gallery = sysu_test(root, "all", 0)
-    q, g = (ev.extract_features(ev.pixel_model, x, 32, 16) for x in (query, gallery))
-    d = ev.re_ranking(ev.pairwise_distance(q, g), ev.pairwise_distance(q, q), ev.pairwise_distance(g, g),
+    q, g = (features.extract_features(features.pixel_model, x, 32, 16) for x in (query, gallery))
+    d = metrics.re_ranking(metrics.pairwise_distance(q, g), metrics.pairwise_distance(q, q), metrics.pairwise_distance(g, g),
                       k1=8, k2=3)
-    cmc, m_ap, _ = ev.eval_sysu(d, query.pids, gallery.pids, query.camids, gallery.camids)
+    cmc, m_ap, _ = metrics.eval_sysu(d, query.pids, gallery.pids, query.camids, gallery.camids)
     assert rr["all"]["trials"][0]["mAP"] == pytest.approx(100 * m_ap, abs=1e-4)
     assert rr["all"]["trials"][0]["R1"] == pytest.approx(100 * cmc[0], abs=1e-4)
     text = reports.format_table(rr)
@@ -499,7 +500,7 @@ def test_write_ranklist_images_llcm_exclusion(tmp_path):
 def fake_results(settings, shift, trials=(0,)):
     res = {}
     for k, name in enumerate(settings):
-        rows = [{"trial": t, **{m: 10.0 * (k + 1) + shift + i + t for i, m in enumerate(ev.METRICS)},
+        rows = [{"trial": t, **{m: 10.0 * (k + 1) + shift + i + t for i, m in enumerate(metrics.METRICS)},
                  "num_query": 5, "num_gallery": 4, "num_valid": 5} for t in trials]
         res[name] = {"protocol": "x", "rerank": None, "trials": rows}
     ev._summarise(res)

@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import metrics
+import features
 import evaluate as ev
-import reports
+from plumbing import reports
 from data.common import IR, VIS
 from data.llcm import (DIRECTIONS, IR_CAMS, LLCM_TRAIN_COUNTS, VIS_CAMS, llcm_gallery_candidates,
                        llcm_test, llcm_train)
-from data.synthetic import META, ensure_synthetic, render_llcm
+from demo.synthetic import META, ensure_synthetic, render_llcm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_IDS = [7, 3, 5]                  # written unsorted; id 9 has folders but is not a test id
@@ -237,13 +239,13 @@ def reference_llcm(distmat, q_pids, g_pids, q_camids, g_camids, max_rank):
 
 @pytest.mark.parametrize("seed,num_q,num_g,num_ids", [(0, 40, 30, 6), (1, 25, 70, 15), (2, 9, 150, 40)])
 def test_eval_llcm_matches_reference(seed, num_q, num_g, num_ids, monkeypatch):
-    monkeypatch.setattr(ev, "QUERY_BLOCK", 8)
+    monkeypatch.setattr(metrics, "QUERY_BLOCK", 8)
     rng = np.random.default_rng(seed)
     d = rng.integers(0, 5, (num_q, num_g)).astype(np.float64)          # many exact ties
     g_pids, q_pids = rng.integers(0, num_ids, num_g), rng.integers(0, num_ids + 2, num_q)
     g_cams, q_cams = rng.integers(1, 4, num_g), rng.integers(1, 4, num_q)   # few cameras: many drops
     for max_rank in (1, 5, 20):
-        got = ev.eval_llcm(d, q_pids, g_pids, q_cams, g_cams, max_rank=max_rank, return_valid=True)
+        got = metrics.eval_llcm(d, q_pids, g_pids, q_cams, g_cams, max_rank=max_rank, return_valid=True)
         cmc, m_ap, m_inp, n_valid = reference_llcm(d, q_pids, g_pids, q_cams, g_cams, max_rank)
         np.testing.assert_allclose(got[0], cmc, rtol=0, atol=1e-12)
         assert abs(got[1] - m_ap) < 1e-12 and abs(got[2] - m_inp) < 1e-12 and got[3] == n_valid
@@ -259,15 +261,15 @@ def test_eval_llcm_hand_checked():
     # query 3: id 2, camera 1: its only match is in its own camera -> no match, skipped
     d = np.tile(np.arange(5.0), (3, 1))
     g_pids, g_cams = np.array([1, 2, 1, 3, 1]), np.array([2, 1, 4, 2, 2])
-    cmc, m_ap, m_inp, n_valid = ev.eval_llcm(d, np.array([1, 1, 2]), g_pids, np.array([2, 4, 1]), g_cams,
+    cmc, m_ap, m_inp, n_valid = metrics.eval_llcm(d, np.array([1, 1, 2]), g_pids, np.array([2, 4, 1]), g_cams,
                                              max_rank=4, return_valid=True)
     np.testing.assert_allclose(cmc, [0.5, 1, 1, 1])
     assert m_ap == pytest.approx((0.5 + 0.75) / 2) and m_inp == pytest.approx((0.5 + 0.5) / 2)
     assert n_valid == 2
     with pytest.raises(ValueError, match="none of the 1 queries"):
-        ev.eval_llcm(d[:1], np.array([2]), g_pids, np.array([1]), g_cams)
+        metrics.eval_llcm(d[:1], np.array([2]), g_pids, np.array([1]), g_cams)
     with pytest.raises(ValueError, match="g_camids"):
-        ev.eval_llcm(d, np.array([1, 1, 2]), g_pids, np.array([2, 4, 1]), g_cams[:3])
+        metrics.eval_llcm(d, np.array([1, 1, 2]), g_pids, np.array([2, 4, 1]), g_cams[:3])
 
 
 # ----------------------------------------------------------------------------- rendered layout, runner, CLI
@@ -298,7 +300,7 @@ class CountingModel:
 
     def __call__(self, x, modality):
         self.seen += x.shape[0]
-        return ev.pixel_model(x, modality)
+        return features.pixel_model(x, modality)
 
 
 def test_evaluate_llcm_runner(rendered):
@@ -310,9 +312,9 @@ def test_evaluate_llcm_runner(rendered):
     assert list(res) == list(DIRECTIONS) and res["i2v"]["protocol"] == "llcm"
     for direction in DIRECTIONS:
         query, gallery = llcm_test(root, direction, 1)
-        q = ev.extract_features(ev.pixel_model, query, 32, 16)
-        g = ev.extract_features(ev.pixel_model, gallery, 32, 16)
-        cmc, m_ap, m_inp = ev.eval_llcm(ev.pairwise_distance(q, g), query.pids, gallery.pids,
+        q = features.extract_features(features.pixel_model, query, 32, 16)
+        g = features.extract_features(features.pixel_model, gallery, 32, 16)
+        cmc, m_ap, m_inp = metrics.eval_llcm(metrics.pairwise_distance(q, g), query.pids, gallery.pids,
                                         query.camids, gallery.camids)
         row = res[direction]["trials"][1]
         assert (row["num_query"], row["num_gallery"]) == (len(query), len(gallery))
@@ -352,7 +354,7 @@ def test_cli_bad_input_is_one_sentence(tmp_path):
 
 
 def test_synthetic_cli_llcm(tmp_path, capsys):
-    from data import synthetic as S
+    from demo import synthetic as S
     S.main(["--out", str(tmp_path / "cli"), "--llcm", "--ids", "4", "--images-per-cam", "1",
             "--height", "16", "--width", "8", "--seed", "3"])
     meta = json.loads((tmp_path / "cli" / META).read_text())

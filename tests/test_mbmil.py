@@ -4,7 +4,7 @@ import torch
 
 import clustering
 import train
-from data.synthetic import render_sysu
+from demo.synthetic import render_sysu
 
 
 def offset_features(seed=0, ids=12, per_modality=8, dim=32, offset=6.0, noise=0.35):
@@ -58,12 +58,11 @@ def test_two_optimiser_steps_per_iteration_intra_then_global(tmp_path, monkeypat
     for name in ("intra_loss", "global_loss"):
         fn = getattr(train.memory, name)
         monkeypatch.setattr(train.memory, name, lambda *a, _fn=fn, _n=name, **k: calls.append(_n) or _fn(*a, **k))
-    args = train.get_args_parser().parse_args([
+    train.main([
         "--method", "mbmil", "--data-root", root, "--out", str(tmp_path / "run"), "--arch", "resnet18",
         "--pretrained", "none", "--height", "32", "--width", "16", "--k1", "6", "--k2", "2", "--clusters", "2",
         "--instances", "2", "--iters", "3", "--epochs", "2", "--stage-one-epochs", "1", "--eps", "0.6",
         "--eval-every", "100", "--eval-trials", "1", "--no-eval-untrained"])
-    train.main(args)
     stage_one = [s for s in steps if s[0] == 0]
     stage_two = [s for s in steps if s[0] == 1]
     assert len(stage_one) == 3                       # one step an iteration

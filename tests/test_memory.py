@@ -54,7 +54,7 @@ def s(f, bank, temp=0.05):
 
 
 def random_banks(gen, k_v, k_r, d):
-    sizes = {"v": k_v, "r": k_r, "rv": k_v, "vr": k_r, "cv": k_v, "cr": k_r}
+    sizes = {"vis": k_v, "ir": k_r, "ir_to_vis": k_v, "vis_to_ir": k_r, "unified_vis": k_v, "unified_ir": k_r}
     return {name: ClusterMemory(torch.randn(k, d, generator=gen)) for name, k in sizes.items()}
 
 
@@ -62,8 +62,8 @@ def random_stage_two_inputs(gen, b_v=6, b_r=5, k_v=4, k_r=3, d=8):
     banks = random_banks(gen, k_v, k_r, d)
     f_v0, f_v1, f_r = (torch.randn(b, d, generator=gen, requires_grad=True)
                        for b in (b_v, b_v, b_r))
-    k_of = {"vv": k_v, "vr": k_r, "rr": k_r, "rv": k_v}
-    b_of = {"vv": b_v, "vr": b_v, "rr": b_r, "rv": b_r}
+    k_of = {"vis": k_v, "vis_to_ir": k_r, "ir": k_r, "ir_to_vis": k_v}
+    b_of = {"vis": b_v, "vis_to_ir": b_v, "ir": b_r, "ir_to_vis": b_r}
     hard = {key: torch.randint(0, k_of[key], (b_of[key],), generator=gen) for key in k_of}
     soft = {key: torch.softmax(torch.randn(b_of[key], k_of[key], generator=gen), 1) for key in k_of}
     return banks, f_v0, f_v1, f_r, hard, soft
@@ -137,8 +137,8 @@ def test_cluster_errors():
 
 def test_stage_one_loss_hand_computed():
     gen = torch.Generator().manual_seed(1)
-    banks = {"v": ClusterMemory(torch.randn(4, 8, generator=gen)),
-             "r": ClusterMemory(torch.randn(3, 8, generator=gen))}
+    banks = {"vis": ClusterMemory(torch.randn(4, 8, generator=gen)),
+             "ir": ClusterMemory(torch.randn(3, 8, generator=gen))}
     f_v0, f_v1, f_r = torch.randn(5, 8, generator=gen), torch.randn(5, 8, generator=gen), \
         torch.randn(6, 8, generator=gen)
     y_v, y_r = torch.tensor([0, 1, 1, 3, 2]), torch.tensor([0, 2, 2, 1, 0, 1])
@@ -146,10 +146,10 @@ def test_stage_one_loss_hand_computed():
 
     def ce(logits, y):
         return -torch.log_softmax(logits, 1)[torch.arange(len(y)), y].mean()
-    expected = (ce(s(f_v0, banks["v"].bank), y_v) + ce(s(f_v1, banks["v"].bank), y_v)
-                + ce(s(f_r, banks["r"].bank), y_r))
+    expected = (ce(s(f_v0, banks["vis"].bank), y_v) + ce(s(f_v1, banks["vis"].bank), y_v)
+                + ce(s(f_r, banks["ir"].bank), y_r))
     torch.testing.assert_close(loss, expected)
-    assert [u[0] for u in updates] == ["v", "v", "r"]
+    assert [u[0] for u in updates] == ["vis", "vis", "ir"]
     assert updates[1][1] is not f_v1 and torch.equal(updates[1][1], f_v1)
     with pytest.raises(ValueError, match="y_v"):
         stage_one_loss(banks, f_v0, f_v1, f_r, torch.tensor([0, 1, -1, 3, 2]), y_r)
@@ -159,22 +159,22 @@ def expected_stage_two(banks, f_v0, f_v1, f_r, Y, even):
     """docs/mult.md §7.4 written out term by term."""
     B = {name: mem.bank for name, mem in banks.items()}
     if even:
-        ms = (ref_soft_ce(s(f_v0, B["v"]), Y["vv"]) + ref_soft_ce(s(f_v1, B["v"]), Y["vv"])
-              + ref_soft_ce(s(f_r, B["r"]), Y["rr"]) + ref_soft_ce(s(f_r, B["rv"]), Y["rv"]))
-        ma = (ref_soft_ce(s(f_v0, B["cv"]), Y["vv"]) + ref_soft_ce(s(f_v1, B["cv"]), Y["vv"])
-              + ref_soft_ce(s(f_r, B["cv"]), Y["rv"]))
-        oclr = (ref_sce(s(f_v0, B["cv"]), s(f_v1, B["v"])) + ref_sce(s(f_v1, B["cv"]), s(f_v0, B["v"]))
-                + ref_sce(s(f_r, B["cv"]), s(f_r, B["rv"])) + ref_sce(s(f_v0, B["cv"]), s(f_v1, B["rv"]))
-                + ref_sce(s(f_v1, B["cv"]), s(f_v0, B["rv"])) + ref_sce(s(f_r, B["cv"]), s(f_r, B["v"])))
+        ms = (ref_soft_ce(s(f_v0, B["vis"]), Y["vis"]) + ref_soft_ce(s(f_v1, B["vis"]), Y["vis"])
+              + ref_soft_ce(s(f_r, B["ir"]), Y["ir"]) + ref_soft_ce(s(f_r, B["ir_to_vis"]), Y["ir_to_vis"]))
+        ma = (ref_soft_ce(s(f_v0, B["unified_vis"]), Y["vis"]) + ref_soft_ce(s(f_v1, B["unified_vis"]), Y["vis"])
+              + ref_soft_ce(s(f_r, B["unified_vis"]), Y["ir_to_vis"]))
+        oclr = (ref_sce(s(f_v0, B["unified_vis"]), s(f_v1, B["vis"])) + ref_sce(s(f_v1, B["unified_vis"]), s(f_v0, B["vis"]))
+                + ref_sce(s(f_r, B["unified_vis"]), s(f_r, B["ir_to_vis"])) + ref_sce(s(f_v0, B["unified_vis"]), s(f_v1, B["ir_to_vis"]))
+                + ref_sce(s(f_v1, B["unified_vis"]), s(f_v0, B["ir_to_vis"])) + ref_sce(s(f_r, B["unified_vis"]), s(f_r, B["vis"])))
     else:
-        ms = (ref_soft_ce(s(f_v0, B["v"]), Y["vv"]) + ref_soft_ce(s(f_v1, B["v"]), Y["vv"])
-              + ref_soft_ce(s(f_v0, B["vr"]), Y["vr"]) + ref_soft_ce(s(f_v1, B["vr"]), Y["vr"])
-              + ref_soft_ce(s(f_r, B["r"]), Y["rr"]))
-        ma = (ref_soft_ce(s(f_v0, B["cr"]), Y["vr"]) + ref_soft_ce(s(f_v1, B["cr"]), Y["vr"])
-              + ref_soft_ce(s(f_r, B["cr"]), Y["rr"]))
-        oclr = (ref_sce(s(f_v0, B["cr"]), s(f_v1, B["vr"])) + ref_sce(s(f_v1, B["cr"]), s(f_v0, B["vr"]))
-                + ref_sce(s(f_r, B["cr"]), s(f_r, B["r"])) + ref_sce(s(f_v0, B["cr"]), s(f_v1, B["r"]))
-                + ref_sce(s(f_v1, B["cr"]), s(f_v0, B["r"])) + ref_sce(s(f_r, B["cr"]), s(f_r, B["vr"])))
+        ms = (ref_soft_ce(s(f_v0, B["vis"]), Y["vis"]) + ref_soft_ce(s(f_v1, B["vis"]), Y["vis"])
+              + ref_soft_ce(s(f_v0, B["vis_to_ir"]), Y["vis_to_ir"]) + ref_soft_ce(s(f_v1, B["vis_to_ir"]), Y["vis_to_ir"])
+              + ref_soft_ce(s(f_r, B["ir"]), Y["ir"]))
+        ma = (ref_soft_ce(s(f_v0, B["unified_ir"]), Y["vis_to_ir"]) + ref_soft_ce(s(f_v1, B["unified_ir"]), Y["vis_to_ir"])
+              + ref_soft_ce(s(f_r, B["unified_ir"]), Y["ir"]))
+        oclr = (ref_sce(s(f_v0, B["unified_ir"]), s(f_v1, B["vis_to_ir"])) + ref_sce(s(f_v1, B["unified_ir"]), s(f_v0, B["vis_to_ir"]))
+                + ref_sce(s(f_r, B["unified_ir"]), s(f_r, B["ir"])) + ref_sce(s(f_v0, B["unified_ir"]), s(f_v1, B["ir"]))
+                + ref_sce(s(f_v1, B["unified_ir"]), s(f_v0, B["ir"])) + ref_sce(s(f_r, B["unified_ir"]), s(f_r, B["vis_to_ir"])))
     return ms, ma, oclr
 
 
@@ -196,12 +196,12 @@ def test_stage_two_loss_hand_computed(epoch):
 def test_stage_two_number_of_terms(epoch, oclr, n_terms):
     # every bank row equal -> uniform softmax: each CE or SCE term is exactly log K
     k, d = 6, 4
-    banks = {name: ClusterMemory(torch.ones(k, d)) for name in ("v", "r", "rv", "vr", "cv", "cr")}
+    banks = {name: ClusterMemory(torch.ones(k, d)) for name in ("vis", "ir", "ir_to_vis", "vis_to_ir", "unified_vis", "unified_ir")}
     gen = torch.Generator().manual_seed(0)
     f_v0, f_v1, f_r = torch.randn(3, d, generator=gen), torch.randn(3, d, generator=gen), \
         torch.randn(2, d, generator=gen)
-    hard = {"vv": torch.zeros(3, dtype=torch.long), "vr": torch.zeros(3, dtype=torch.long),
-            "rr": torch.zeros(2, dtype=torch.long), "rv": torch.zeros(2, dtype=torch.long)}
+    hard = {"vis": torch.zeros(3, dtype=torch.long), "vis_to_ir": torch.zeros(3, dtype=torch.long),
+            "ir": torch.zeros(2, dtype=torch.long), "ir_to_vis": torch.zeros(2, dtype=torch.long)}
     soft = {key: torch.softmax(torch.randn(len(h), k, generator=gen), 1) for key, h in hard.items()}
     loss, _, _ = stage_two_loss(banks, f_v0, f_v1, f_r, hard, soft, epoch, oclr=oclr)
     assert loss.item() == pytest.approx(n_terms * math.log(k), rel=1e-5)
@@ -211,26 +211,26 @@ def test_stage_two_updates_call_order_and_reverse_application():
     gen = torch.Generator().manual_seed(5)
     banks, f_v0, f_v1, f_r, hard, soft = random_stage_two_inputs(gen)
     _, _, up_even = stage_two_loss(banks, f_v0, f_v1, f_r, hard, soft, epoch=40)
-    assert [u[0] for u in up_even] == ["v", "v", "r", "rv", "cv", "cv", "cv"]
+    assert [u[0] for u in up_even] == ["vis", "vis", "ir", "ir_to_vis", "unified_vis", "unified_vis", "unified_vis"]
     _, _, up_odd = stage_two_loss(banks, f_v0, f_v1, f_r, hard, soft, epoch=41)
-    assert [u[0] for u in up_odd] == ["v", "v", "vr", "vr", "r", "cr", "cr", "cr"]
-    assert torch.equal(up_odd[5][2], hard["vr"]) and torch.equal(up_odd[7][2], hard["rr"])
+    assert [u[0] for u in up_odd] == ["vis", "vis", "vis_to_ir", "vis_to_ir", "ir", "unified_ir", "unified_ir", "unified_ir"]
+    assert torch.equal(up_odd[5][2], hard["vis_to_ir"]) and torch.equal(up_odd[7][2], hard["ir"])
     assert all(not u[1].requires_grad for u in up_odd)
 
     start = {name: mem.bank.clone() for name, mem in banks.items()}
     apply_updates(banks, up_even)
     # by hand, reverse call order: on M_{c,v} r (h_rv), then v1, then v0 (h_vv)
-    cv = ref_sequential_update(start["cv"], f_r.detach(), hard["rv"], 0.1)
-    cv = ref_sequential_update(cv, f_v1.detach(), hard["vv"], 0.1)
-    cv = ref_sequential_update(cv, f_v0.detach(), hard["vv"], 0.1)
-    torch.testing.assert_close(banks["cv"].bank, cv, atol=1e-6, rtol=0)
-    v = ref_sequential_update(ref_sequential_update(start["v"], f_v1.detach(), hard["vv"], 0.1),
-                              f_v0.detach(), hard["vv"], 0.1)
-    torch.testing.assert_close(banks["v"].bank, v, atol=1e-6, rtol=0)
-    forward = ref_sequential_update(ref_sequential_update(start["v"], f_v0.detach(), hard["vv"], 0.1),
-                                    f_v1.detach(), hard["vv"], 0.1)
+    cv = ref_sequential_update(start["unified_vis"], f_r.detach(), hard["ir_to_vis"], 0.1)
+    cv = ref_sequential_update(cv, f_v1.detach(), hard["vis"], 0.1)
+    cv = ref_sequential_update(cv, f_v0.detach(), hard["vis"], 0.1)
+    torch.testing.assert_close(banks["unified_vis"].bank, cv, atol=1e-6, rtol=0)
+    v = ref_sequential_update(ref_sequential_update(start["vis"], f_v1.detach(), hard["vis"], 0.1),
+                              f_v0.detach(), hard["vis"], 0.1)
+    torch.testing.assert_close(banks["vis"].bank, v, atol=1e-6, rtol=0)
+    forward = ref_sequential_update(ref_sequential_update(start["vis"], f_v0.detach(), hard["vis"], 0.1),
+                                    f_v1.detach(), hard["vis"], 0.1)
     assert (forward - v).abs().max() > 1e-3                    # the order is observable
-    torch.testing.assert_close(banks["vr"].bank, start["vr"])  # untouched in an even epoch
+    torch.testing.assert_close(banks["vis_to_ir"].bank, start["vis_to_ir"])  # untouched in an even epoch
 
     class Recorder:
         def __init__(self):
@@ -246,13 +246,13 @@ def test_stage_two_updates_call_order_and_reverse_application():
 def test_stage_two_bad_inputs():
     gen = torch.Generator().manual_seed(2)
     banks, f_v0, f_v1, f_r, hard, soft = random_stage_two_inputs(gen)
-    bad = dict(soft, rv=soft["rv"][:, :2])
-    with pytest.raises(ValueError, match=r"soft\['rv'\]"):
+    bad = dict(soft, ir_to_vis=soft["ir_to_vis"][:, :2])
+    with pytest.raises(ValueError, match=r"soft\['ir_to_vis'\]"):
         stage_two_loss(banks, f_v0, f_v1, f_r, hard, bad, 40)
-    with pytest.raises(ValueError, match=r"hard\['vr'\]"):
-        stage_two_loss(banks, f_v0, f_v1, f_r, dict(hard, vr=hard["vr"] + 3), soft, 41)
-    with pytest.raises(KeyError, match="cr"):
-        stage_two_loss({k: v for k, v in banks.items() if k != "cr"}, f_v0, f_v1, f_r, hard, soft, 41)
+    with pytest.raises(ValueError, match=r"hard\['vis_to_ir'\]"):
+        stage_two_loss(banks, f_v0, f_v1, f_r, dict(hard, vis_to_ir=hard["vis_to_ir"] + 3), soft, 41)
+    with pytest.raises(KeyError, match="unified_ir"):
+        stage_two_loss({k: v for k, v in banks.items() if k != "unified_ir"}, f_v0, f_v1, f_r, hard, soft, 41)
 
 
 def test_sce_value_and_gradient_into_both_sides():

@@ -6,14 +6,15 @@ import pytest
 import torch
 import torchvision
 
-import model
-from model import TwoStreamNet, gem, load_checkpoint, model_from_checkpoint, save_checkpoint
+from model import TwoStreamNet, gem
+from plumbing import checkpoints
+from plumbing.checkpoints import imagenet_weights_path, load_checkpoint, model_from_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")
 def net():
     torch.manual_seed(0)
-    return TwoStreamNet("resnet18", pretrained="none")
+    return TwoStreamNet("resnet18")
 
 
 def test_shapes_and_last_stride(net):
@@ -91,7 +92,7 @@ def test_imagenet_offline_gives_clear_message(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fails)
     with pytest.raises(FileNotFoundError, match="resnet18-f37072fd.pth") as err:
-        TwoStreamNet("resnet18", pretrained="imagenet")
+        TwoStreamNet("resnet18", imagenet_weights_path("resnet18"))
     for text in (folder, url, "no route to host", "--pretrained none"):
         assert text in str(err.value)
     # no network at all: the reachability check fails within its timeout, the download never starts
@@ -104,7 +105,7 @@ def test_imagenet_offline_gives_clear_message(tmp_path, monkeypatch):
     monkeypatch.setattr(socket, "create_connection", unreachable)
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _no_download)
     with pytest.raises(FileNotFoundError, match="Name or service not known") as err:
-        TwoStreamNet("resnet18", pretrained="imagenet")
+        TwoStreamNet("resnet18", imagenet_weights_path("resnet18"))
     assert folder in str(err.value) and url in str(err.value)
     assert timeouts and all(t is not None and t <= 10 for t in timeouts)
 
@@ -118,7 +119,7 @@ def test_imagenet_cached_file_is_used_without_download(tmp_path, monkeypatch):
     torch.save(ref.state_dict(), folder / "resnet18-f37072fd.pth")
     monkeypatch.setattr(socket, "create_connection", _no_download)
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _no_download)
-    net = TwoStreamNet("resnet18", pretrained="imagenet")
+    net = TwoStreamNet("resnet18", imagenet_weights_path("resnet18"))
     assert torch.equal(net.stem_ir[0].weight, ref.conv1.weight)
     assert torch.equal(net.shared[3][1].conv2.weight, ref.layer4[1].conv2.weight)
 
@@ -137,10 +138,10 @@ def test_imagenet_download_goes_into_the_torch_cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(socket, "create_connection", lambda *a, **k: _Connection())
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", download)
-    net = TwoStreamNet("resnet18", pretrained="imagenet")
+    net = TwoStreamNet("resnet18", imagenet_weights_path("resnet18"))
     folder = str(tmp_path / "home" / "hub" / "checkpoints")
-    assert len(calls) == 1                                   # the two later copies read the cache
-    assert calls[0][:2] == (model.IMAGENET_V1_URL.format("resnet18-f37072fd.pth"), folder)
+    assert len(calls) == 1                                   # downloaded once, for all three copies
+    assert calls[0][:2] == (checkpoints.IMAGENET_V1_URL.format("resnet18-f37072fd.pth"), folder)
     assert calls[0][2]["check_hash"] and calls[0][2]["progress"]
     assert torch.equal(net.stem_vis[0].weight, ref.conv1.weight)
 

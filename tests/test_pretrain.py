@@ -1,12 +1,12 @@
-"""pretrain.py: the (identity, modality) classes of the ImageNet stand-in, and when its weights are stale."""
+"""demo/pretrain.py: the (identity, modality) classes of the ImageNet stand-in, and when its weights are stale."""
 import json
 import os
 
 import numpy as np
 import pytest
 
-import pretrain
-from data import synthetic as S
+from demo import pretrain
+from demo import synthetic as S
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -15,9 +16,9 @@ import torch
 from PIL import Image
 
 import model as model_module
-import runs
 import train
-from data.synthetic import render_sysu
+from plumbing import checkpoints, logs
+from demo.synthetic import render_sysu
 
 TINY = ["--arch", "resnet18", "--pretrained", "none", "--height", "32", "--width", "16", "--k1", "6", "--k2", "2",
         "--clusters", "2", "--instances", "2", "--iters", "2", "--eval-trials", "1", "--extract-batch", "64",
@@ -41,10 +42,13 @@ def cli(*argv):
 
 
 def snapshot(folder):
-    """{relative path: sha1} of every file under `folder` ({} if it does not exist)."""
+    """{relative path: sha1} of every file under `folder` ({} if it does not exist), but the run folder's lock
+    file, which names the process that last held it."""
     out = {}
     for dirpath, _, names in os.walk(folder):
         for name in names:
+            if name == ".lock":
+                continue
             path = os.path.join(dirpath, name)
             with open(path, "rb") as f:
                 out[os.path.relpath(path, folder)] = hashlib.sha1(f.read()).hexdigest()
@@ -136,46 +140,26 @@ def test_resume_refuses_changed_settings(tiny_root, tmp_path, capsys, flag, valu
     assert "Traceback" not in err
 
 
-def test_a_run_from_before_the_input_flag_resumes_only_as_pil(tiny_root, tmp_path, capsys):
-    """A checkpoint written before --input existed was trained on the per-image pipeline: resuming it with
-    today's default (cached) is refused by name; with --input pil it resumes."""
+def test_a_checkpoint_of_an_earlier_release_is_refused_with_how_to_start_afresh(tiny_root, tmp_path, capsys):
+    """A run folder of an earlier release (its checkpoint's format) is not resumed, nor branched from: one line
+    names the file and says how to start afresh, and the folder is left as it was. Evaluation still reads it."""
     out = str(tmp_path / "run")
-    argv = ["--data-root", tiny_root, "--out", out, *TINY, "--epochs", "1", "--stage-one-epochs", "1"]
-    assert cli(*argv, "--input", "pil")[0] == 0
-    path = os.path.join(out, "last.pth")
-    ckpt = torch.load(path, weights_only=False)
-    del ckpt["args"]["input"]
-    torch.save(ckpt, path)
-    capsys.readouterr()
-    refused(capsys, out, *argv, "--epochs", "2", names=["--input pil (saved) vs cached (now)"])
-    assert cli(*argv, "--epochs", "2", "--input", "pil")[0] == 0
-    assert epochs_in(out) == [0, 1]
-
-
-def test_a_cached_run_of_the_float32_jitter_resumes_only_where_no_jitter_follows(tiny_root, tmp_path, capsys):
-    """A --input cached checkpoint without the "jitter" entry ran the earlier release's float32 ColorJitter:
-    resuming it into epochs that jitter (MBMIL jitters v1 in every epoch) is refused by name, and the folder is
-    left as it was; MULT's stage two does not jitter, so a MULT run stopped at the end of stage one goes on."""
-    def strip(out):
-        path = os.path.join(out, "last.pth")
+    argv = ["--data-root", tiny_root, "--out", out, *TINY, *TWO]
+    assert cli(*argv)[0] == 0
+    for name in ("last.pth", "stage1.pth"):
+        path = os.path.join(out, name)
         ckpt = torch.load(path, weights_only=False)
-        assert ckpt.pop("jitter") == runs.CACHED_JITTER
+        ckpt["format"] = "vireid-checkpoint-v1"
         torch.save(ckpt, path)
-
-    one = ["--data-root", tiny_root, *TINY, "--input", "cached", "--epochs", "1", "--stage-one-epochs", "1"]
-    mbmil = str(tmp_path / "mbmil")
-    assert cli(*one, "--method", "mbmil", "--out", mbmil)[0] == 0
-    strip(mbmil)
     capsys.readouterr()
-    refused(capsys, mbmil, *one, "--method", "mbmil", "--out", mbmil, "--epochs", "2",
-            names=[os.path.join(mbmil, "last.pth"), "--input cached", "float32", "ColorJitter"])
-    mult, paper = str(tmp_path / "mult"), [*one, "--augment", "paper"]
-    assert cli(*paper, "--out", mult)[0] == 0
-    strip(mult)
-    run = train.resolve_args(train.get_args_parser().parse_args([*paper, "--epochs", "2"]))
-    assert train.jitters(0, run) and not train.jitters(1, run)
-    assert cli(*paper, "--out", mult, "--epochs", "2")[0] == 0
-    assert epochs_in(mult) == [0, 1]
+    err = refused(capsys, out, *argv, "--epochs", "3", names=[os.path.join(out, "last.pth"), "earlier release",
+                                                              "--resume none --overwrite"])
+    assert len(err.strip().splitlines()) == 1
+    refused(capsys, out, "--data-root", tiny_root, "--out", str(tmp_path / "branch"), *TINY, *TWO,
+            "--init-from", os.path.join(out, "stage1.pth"), "--no-oclr", names=["stage1.pth", "earlier release"])
+    assert not (tmp_path / "branch").exists()
+    fn, meta = checkpoints.model_from_checkpoint(os.path.join(out, "last.pth"))
+    assert meta["epoch"] == 2
 
 
 def test_resume_refuses_fewer_epochs_than_done(tiny_root, tmp_path, capsys):
@@ -273,7 +257,7 @@ def first(root, cam, test):
 
 
 def test_test_labels_that_match_nothing_are_refused(tmp_path, capsys):
-    from data.synthetic import render_regdb
+    from demo.synthetic import render_regdb
     root = tmp_path / "regdb"
     render_regdb(root, num_ids=6, height=32, width=16, seed=0)
     path = root / "idx" / "test_thermal_1.txt"
@@ -305,14 +289,14 @@ def test_a_refused_resume_leaves_args_json_alone(tiny_root, tmp_path, capsys):
 
 def test_a_kill_between_checkpoint_and_metrics_leaves_no_epoch_twice(tiny_root, tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "run")
-    real = runs.Log.metrics
+    real = logs.RunLog.metrics
 
     def killed(self, record):          # the process dies after last.pth of epoch 0 is written
         raise KeyboardInterrupt
-    monkeypatch.setattr(runs.Log, "metrics", killed)
+    monkeypatch.setattr(logs.RunLog, "metrics", killed)
     assert cli("--data-root", tiny_root, "--out", out, *TINY, *TWO)[0] == 130
     assert torch.load(os.path.join(out, "last.pth"), weights_only=False)["epoch"] == 1
-    monkeypatch.setattr(runs.Log, "metrics", real)
+    monkeypatch.setattr(logs.RunLog, "metrics", real)
     assert cli("--data-root", tiny_root, "--out", out, *TINY, *TWO)[0] == 0
     assert epochs_in(out) == [0, 1]
     log = open(os.path.join(out, "log.txt")).read()
@@ -323,11 +307,11 @@ def test_a_kill_inside_an_epoch_cuts_its_log_lines(tiny_root, tmp_path, monkeypa
     out = str(tmp_path / "run")
     real = train.mult_epoch
 
-    def dies_in_epoch_one(model, optimizer, vis, ir, epoch, args, log):
+    def dies_in_epoch_one(model, optimizer, vis, ir, epoch, args):
         if epoch == 1:
-            log("epoch 1 (stage 2): half-written")
+            train.log.info("epoch 1 (stage 2): half-written")
             raise KeyboardInterrupt
-        return real(model, optimizer, vis, ir, epoch, args, log)
+        return real(model, optimizer, vis, ir, epoch, args)
     monkeypatch.setattr(train, "mult_epoch", dies_in_epoch_one)
     assert cli("--data-root", tiny_root, "--out", out, *TINY, *TWO)[0] == 130
     monkeypatch.setattr(train, "mult_epoch", real)
@@ -341,17 +325,17 @@ def test_a_failed_checkpoint_write_removes_its_temporary_file(tmp_path, monkeypa
         with open(path, "wb") as f:
             f.write(b"x" * 1000)
         raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
-    monkeypatch.setattr(model_module.torch, "save", full_disk)
+    monkeypatch.setattr(checkpoints.torch, "save", full_disk)
     path = tmp_path / "last.pth"
     path.write_bytes(b"previous")
     with pytest.raises(OSError, match=str(tmp_path)) as err:
-        model_module.save_checkpoint({"epoch": 1}, str(path))
+        checkpoints.save_checkpoint({"epoch": 1}, str(path))
     assert "full" in str(err.value) and "inline_container" in str(err.value)
     assert sorted(os.listdir(tmp_path)) == ["last.pth"] and path.read_bytes() == b"previous"
 
 
 def test_train_never_rerenders_over_files_it_did_not_write(tmp_path, capsys):
-    from data import synthetic
+    from demo import synthetic
     root = tmp_path / "syn"
     render_sysu(root, num_ids=6, images_per_cam=1, height=16, width=8, seed=4)
     meta = json.loads((root / synthetic.META).read_text())
@@ -397,7 +381,7 @@ def test_hidden_and_non_image_files_are_skipped_and_named(tiny_root, tmp_path):
 
 def test_regdb_duplicated_lines_and_train_test_overlap(tmp_path):
     from data.regdb import regdb_train
-    from data.synthetic import render_regdb
+    from demo.synthetic import render_regdb
     root = tmp_path / "regdb"
     render_regdb(root, num_ids=4, height=16, width=8, seed=0)
     idx = root / "idx"
@@ -470,18 +454,65 @@ def test_zero_feature_row_reports_its_norm():
         clustering.jaccard_similarity(x, 4, 2)
 
 
+HOLD = """
+import sys, time
+sys.path.insert(0, sys.argv[2])
+from plumbing.runs import hold_run_folder
+with hold_run_folder(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
 def test_a_folder_another_live_run_writes_is_refused(tiny_root, tmp_path, capsys):
+    """The run folder is held by an OS lock (flock) from the first step of a run: while another process holds it,
+    a start is refused at once, naming that process; the lock dies with its process, so none is ever stale; a
+    pid written into .lock (an earlier release's lock, or a reused pid) holds nothing."""
+    import fcntl
     import subprocess
     import sys
     out = tmp_path / "run"
     out.mkdir()
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    other = subprocess.Popen([sys.executable, "-c", HOLD, str(out), repo], stdout=subprocess.PIPE, text=True)
     try:
-        (out / ".lock").write_text(f"{other.pid}\n")
-        refused(capsys, str(out), "--data-root", tiny_root, "--out", str(out), *TINY, *TWO,
-                names=[f"process {other.pid}"])
+        assert other.stdout.readline().strip() == "held"
+        err = refused(capsys, str(out), "--data-root", tiny_root, "--out", str(out), *TINY, *TWO,
+                      names=[f"process {other.pid}", str(out)])
+        assert len(err.strip().splitlines()) == 1
     finally:
         other.kill()
         other.wait()
-    assert cli("--data-root", tiny_root, "--out", str(out), *TINY, *TWO)[0] == 0     # a dead holder's lock is stale
-    assert not (out / ".lock").exists()                                            # released when the run ends
+    assert cli("--data-root", tiny_root, "--out", str(out), *TINY, *TWO)[0] == 0     # died with its holder
+    with open(out / ".lock", "r+") as f:                                           # released when the run ends
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(f"{sleeper.pid}\n")                             # a live pid, but no lock
+        assert cli("--data-root", tiny_root, "--out", str(out), *TINY, "--epochs", "3", "--stage-one-epochs", "1")[0] == 0
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_the_same_command_started_twice_trains_once(tiny_root, tmp_path):
+    """The same command started twice, 0.3 s apart: one run trains, the other is refused at once with one line
+    naming the live run (the folder is held from a run's first step, before its checks and its cache build),
+    and log.txt holds each epoch once."""
+    import subprocess
+    import sys
+    out = str(tmp_path / "run")
+    argv = [sys.executable, "train.py", "--data-root", tiny_root, "--out", out, *TINY, *TWO, "--iters", "25"]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    first = subprocess.Popen(argv, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    second = subprocess.Popen(argv, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    errors = [p.communicate(timeout=300)[1] for p in (first, second)]
+    codes = [first.returncode, second.returncode]
+    assert sorted(codes) == [0, 2], (codes, errors)
+    loser = codes.index(2)
+    winner = (first, second)[1 - loser]
+    assert "being written by another run" in errors[loser] and f"process {winner.pid}" in errors[loser]
+    assert len(errors[loser].strip().splitlines()) == 1 and "checking images" not in errors[loser]
+    log = open(os.path.join(out, "log.txt")).read()
+    assert log.count("epoch 0 (stage") == 1 and log.count("epoch 1 (stage") == 1 and epochs_in(out) == [0, 1]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import synthetic as S
+from demo import synthetic as S
 from data.common import IR, VIS
 
 SMALL = dict(num_ids=20, images_per_cam=2, height=64, width=32, seed=0)

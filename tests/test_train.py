@@ -8,7 +8,8 @@ import torch
 import evaluate
 import memory
 import train
-from data.synthetic import render_sysu
+from data.datasets import training_set
+from demo.synthetic import render_sysu
 
 TINY = ["--arch", "resnet18", "--pretrained", "none", "--height", "32", "--width", "16", "--k1", "6", "--k2", "2",
         "--clusters", "2", "--instances", "2", "--iters", "2", "--eval-trials", "1", "--extract-batch", "64",
@@ -23,8 +24,7 @@ def tiny_root(tmp_path_factory):
 
 
 def run(root, out, *extra):
-    args = train.get_args_parser().parse_args(["--data-root", root, "--out", str(out), *TINY, *extra])
-    return train.main(args)
+    return train.main(["--data-root", root, "--out", str(out), *TINY, *extra])
 
 
 def history(out):
@@ -104,14 +104,14 @@ def test_bad_arguments(tiny_root, tmp_path):
 
 
 def test_synthetic_set_of_an_older_format_is_rerendered_and_another_layout_kept(tmp_path, monkeypatch):
-    from data import synthetic
+    from demo import synthetic
     root = tmp_path / "old"
     render_sysu(root, num_ids=6, images_per_cam=1, height=16, width=8, seed=4)
     meta_path = root / synthetic.META
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps(dict(meta, version=synthetic.FORMAT_VERSION - 1)))
     args = train.resolve_args(train.get_args_parser().parse_args(["--data-root", str(root), "--out", str(tmp_path)]))
-    vis, ir = train.load_training_set(args)
+    vis, ir = training_set(args.dataset, args.data_root)
     fresh = json.loads(meta_path.read_text())
     assert fresh["version"] == synthetic.FORMAT_VERSION and fresh["args"] == meta["args"]   # same sizes, new format
     assert len(vis) == meta["train_counts"]["vis"] and len(ir) == meta["train_counts"]["ir"]
@@ -120,6 +120,6 @@ def test_synthetic_set_of_an_older_format_is_rerendered_and_another_layout_kept(
     synthetic.render_regdb(regdb, num_ids=4, height=16, width=8, seed=4)
     before = sorted(p.name for p in regdb.iterdir())
     args.data_root = str(regdb)
-    with pytest.raises(SystemExit, match="layout"):
-        train.load_training_set(args)
+    with pytest.raises(ValueError, match="layout"):
+        training_set(args.dataset, args.data_root)
     assert sorted(p.name for p in regdb.iterdir()) == before

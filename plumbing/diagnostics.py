@@ -8,11 +8,19 @@ Every figure is exact and computed from contingency counts in O(N), no pair loop
   docs/mult.md §5.5) names a cluster of the other modality whose majority identity is their own;
 - `global_cluster_stats`: MBMIL's global clusters (docs/mbmil.md §A.2): how many hold both modalities, and
   the precision of the cross-modality pairs they imply.
-Imports numpy only. Checked against slow references in tests/test_evaluate.py and tests/test_mbmil.py.
+`mult_epoch` and `mbmil_epoch` compute and log them for one epoch of train.py, apart from the method's own lines.
+Checked against slow references in tests/test_evaluate.py and tests/test_mbmil.py.
 """
-import numpy as np
+import logging
 
-VIS, IR = 0, 1
+import numpy as np
+import torch
+
+import clustering
+import mult
+from data.common import IR, VIS
+
+log = logging.getLogger(__name__)
 
 
 def pair_precision_recall(labels, pids):
@@ -76,39 +84,73 @@ def global_cluster_stats(labels, modality, gt):
             "cross_pair_precision": correct / pairs if pairs else 0.0, "cross_pairs": pairs}
 
 
-def cross_accuracies(lt, vis, ir, labels_v, labels_r):
-    """cross_label_accuracy of both directions of a label transfer `lt`: {"vis": vis->ir, "ir": ir->vis}."""
-    return {"vis": cross_label_accuracy(lt.cross_v, vis.pids, labels_r, ir.pids),
-            "ir": cross_label_accuracy(lt.cross_r, ir.pids, labels_v, vis.pids)}
+# ----------------------------------------------------------------------------- an epoch's pseudo-labels
+def mult_epoch(pseudo, feats_v, feats_r, vis, ir, args):
+    """The ground-truth figures of one MULT epoch's pseudo-labels (train.mult_pseudo_labels' `pseudo`), logged in
+    one line and returned as epoch-record entries: each modality's cluster pair precision and recall; in stage two
+    the cross-label accuracy of both directions and, with --diagnostics, OT's on the same features."""
+    clusters = pseudo["clusters"]
+    parts = [_pairs("vis", clusters["vis"], vis.pids), _pairs("ir", clusters["ir"], ir.pids)]
+    record = {}
+    if "hard" in pseudo:
+        hard = pseudo["hard"]
+        record["cross_accuracy"] = _cross(hard["vis_to_ir"], hard["ir_to_vis"], clusters, vis, ir)
+        acc = record["cross_accuracy"]
+        parts.append(f"cross-label accuracy ({args.association}) vis->ir {100 * acc['vis']:.1f}% "
+                     f"ir->vis {100 * acc['ir']:.1f}%")
+        if args.diagnostics and args.association == "mult":   # the plain OT baseline on the same features
+            ot = mult.associate("ot", feats_v, feats_r, clusters["vis"], clusters["ir"],
+                                sinkhorn_lambda=args.sinkhorn_lambda)
+            record["cross_accuracy_ot"] = _cross(ot.cross_v, ot.cross_r, clusters, vis, ir)
+            acc = record["cross_accuracy_ot"]
+            parts[-1] += f" (OT on the same features: {100 * acc['vis']:.1f}% / {100 * acc['ir']:.1f}%)"
+    log.info("ground truth (diagnostics only): " + "; ".join(parts))
+    return record
 
 
-# ----------------------------------------------------------------------------- one-line summaries
-def describe_clusters(name, labels, gt=None):
-    """'clustering vis: 412 clusters, 3.1% outliers, pair precision ... recall ...' (gt: identities or None)."""
-    msg = f"clustering {name}: {int(labels.max()) + 1} clusters, {100 * np.mean(labels < 0):.1f}% outliers"
-    if gt is not None:
-        prec, rec = pair_precision_recall(labels, gt)
-        msg += f", pair precision {100 * prec:.1f}% recall {100 * rec:.1f}% (ground truth, diagnostics only)"
-    return msg
-
-
-def describe_association(method, record):
-    """The cross-label accuracies of an epoch record, and OT's on the same features when it has them."""
-    acc = record["cross_accuracy"]
-    msg = f"cross-label accuracy ({method}) vis->ir {100 * acc['vis']:.1f}% ir->vis {100 * acc['ir']:.1f}%"
-    if "cross_accuracy_ot" in record:
-        ot = record["cross_accuracy_ot"]
-        msg += f" (OT on the same features: {100 * ot['vis']:.1f}% / {100 * ot['ir']:.1f}%)"
-    return msg
+def mbmil_epoch(pseudo, feats_v, feats_r, vis, ir, args):
+    """The ground-truth figures of one MBMIL epoch's pseudo-labels (train.mbmil_pseudo_labels' `pseudo`), logged
+    and returned as epoch-record entries: the pair precision and recall of the intra step's clusters; in stage two
+    how many global clusters hold both modalities and the precision of the cross-modality pairs they imply and,
+    with --diagnostics, the same of the plain Jaccard distance's clusters of the same features."""
+    intra = pseudo["intra_rows"]
+    parts = [_pairs("vis (intra subset)", pseudo["clusters"]["vis"][intra], vis.pids[intra]),
+             _pairs("ir", pseudo["clusters"]["ir"], ir.pids)]
+    record = {}
+    if "global" in pseudo:
+        rows, labels = pseudo["global_rows"], pseudo["global"]["labels"]
+        modality = np.r_[np.full(len(rows), VIS), np.full(len(ir), IR)]
+        gt = np.r_[vis.pids[rows], ir.pids]
+        record["global"] = global_cluster_stats(labels, modality, gt)
+        parts.append(_pairs("global", labels, gt))
+        if args.diagnostics:
+            feats = torch.cat([feats_v[torch.as_tensor(rows, device=feats_v.device)], feats_r])
+            plain = clustering.dbscan(clustering.jaccard_similarity(feats, args.global_k1, args.global_k2),
+                                      args.global_eps, args.min_samples)
+            record["global_plain"] = global_cluster_stats(plain, modality, gt)
+        parts.append(describe_global(record))
+    log.info("ground truth (diagnostics only): " + "; ".join(parts))
+    return record
 
 
 def describe_global(record):
     """MBMIL's global clusters of an epoch record, and the plain Jaccard's when it has them."""
     g = record["global"]
-    msg = (f"modality-aware Jaccard: {g['clusters']} clusters, {g['mixed']} with both modalities, "
+    msg = (f"modality-aware Jaccard: {g['clusters']} global clusters, {g['mixed']} with both modalities, "
            f"cross-modality pair precision {100 * g['cross_pair_precision']:.1f}% of {g['cross_pairs']} pairs")
     if "global_plain" in record:
         p = record["global_plain"]
         msg += (f" | plain Jaccard: {p['clusters']} clusters, {p['mixed']} with both modalities, "
                 f"precision {100 * p['cross_pair_precision']:.1f}% of {p['cross_pairs']} pairs")
     return msg
+
+
+def _pairs(name, labels, pids):
+    precision, recall = pair_precision_recall(labels, pids)
+    return f"{name} pair precision {100 * precision:.1f}% recall {100 * recall:.1f}%"
+
+
+def _cross(cross_v, cross_r, clusters, vis, ir):
+    """cross_label_accuracy of both directions: {"vis": vis->ir, "ir": ir->vis}."""
+    return {"vis": cross_label_accuracy(cross_v, vis.pids, clusters["ir"], ir.pids),
+            "ir": cross_label_accuracy(cross_r, ir.pids, clusters["vis"], vis.pids)}

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import transforms as T
+from .. import transforms as T
 
 
 @dataclass

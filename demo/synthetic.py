@@ -37,9 +37,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .common import IR, VIS
+from data.common import IR, VIS
+from data.datasets import SYNTHETIC_META
 
-META = "synthetic.json"
+META = SYNTHETIC_META           # the file data.datasets reads back
 FORMAT_VERSION = 2            # 2: infrared follows visible luminance in part (NIR_FROM_LUMA)
 LUMA = np.array([0.299, 0.587, 0.114])   # ITU-R BT.601, as PIL's convert("L")
 NIR_FROM_LUMA = 0.8
@@ -423,7 +424,7 @@ def render_sysu(out, num_ids=100, images_per_cam=6, height=128, width=64, seed=0
             rng = _rng(seed, _VIEW, p, c, k)
             _save(root / f"cam{c}" / f"{p:04d}" / f"{k:04d}.jpg",
                   render_image(ident[1], cameras[c], draw_view(rng), rng, height, width))
-        return dict(generator="vireid data.synthetic", version=FORMAT_VERSION, layout="sysu",
+        return dict(generator="vireid demo.synthetic", version=FORMAT_VERSION, layout="sysu",
                     args=args, image=IMAGE_NOTE, splits={k: len(v) for k, v in split.items()},
                     train_counts=counts(split["train"] + split["val"]),
                     test_counts=counts(split["test"]),
@@ -472,7 +473,7 @@ def render_regdb(out, num_ids=100, height=128, width=64, seed=0, progress=False)
                 for m, name in ((VIS, "visible"), (IR, "thermal")):
                     lines = "".join(f"{rel(m, p, k)} {p - 1}\n" for p in ids for k in frames)
                     (root / "idx" / f"{part}_{name}_{t}.txt").write_text(lines)
-        return dict(generator="vireid data.synthetic", version=FORMAT_VERSION, layout="regdb",
+        return dict(generator="vireid demo.synthetic", version=FORMAT_VERSION, layout="regdb",
                     args=args, image=IMAGE_NOTE, trials=REGDB_TRIALS,
                     train_counts=counts(n_train), test_counts=counts(num_ids - n_train))
     return _into_fresh_dir(out, write)
@@ -541,7 +542,7 @@ def render_llcm(out, num_ids=90, images_per_cam=2, height=128, width=64, seed=0,
         for m in (VIS, IR):
             (root / "idx" / f"train_{LLCM_FOLDERS[m]}.txt").write_text("".join(lists[m]))
         (root / "idx" / "test_id.txt").write_text(",".join(map(str, split["test"])) + "\n")
-        return dict(generator="vireid data.synthetic", version=FORMAT_VERSION, layout="llcm",
+        return dict(generator="vireid demo.synthetic", version=FORMAT_VERSION, layout="llcm",
                     args=args, image=IMAGE_NOTE, splits={k: len(v) for k, v in split.items()},
                     train_counts=counts(split["train"]), test_counts=counts(split["test"]))
     return _into_fresh_dir(out, write)

@@ -13,7 +13,7 @@ training transforms' two visible views (full colour, or one channel replicated) 
 images through the infrared one. The weights are a torchvision ResNet state dict, loaded into both stems and
 the shared layers exactly as `--pretrained PATH` loads ImageNet's.
 
-    python pretrain.py --out datasets/synthetic-pretrain   # train.py --dataset synthetic does this itself
+    python -m demo.pretrain --out datasets/synthetic-pretrain   # train.py --dataset synthetic does this itself
 """
 import argparse
 import glob
@@ -21,8 +21,6 @@ import json
 import os
 import sys
 import time
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import torch
@@ -32,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from data.common import read_image
-from data.synthetic import FORMAT_VERSION, ensure_synthetic
+from demo.synthetic import FORMAT_VERSION, ensure_synthetic
 from data.sysu import IR_CAMS, VIS_CAMS
 from data.transforms import crop_pad, train_transforms
 

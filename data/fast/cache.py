@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .common import ImageList, read_image, unusable
-from .transforms import _INTERPOLATIONS, Resize
+from ..common import ImageList, read_image, unusable
+from ..transforms import _INTERPOLATIONS, Resize
 
 FORMAT = "vireid-image-cache-v1"
 
@@ -141,6 +141,14 @@ def build_cache(images, height, width, interpolation="bilinear", path=None, work
     pixels = np.memmap(path, dtype=np.uint8, mode="c", shape=shape)   # copy-on-write: the file is never written
     return ImageCache(torch.from_numpy(pixels), flags, list(images.paths), height, width, interpolation, path,
                       summary)
+
+
+def training_caches(vis, ir, height, width, interpolation, folder, workers=0):
+    """The caches of a run's training images, {"vis", "ir"}: files in `folder` named by `cache_name`, so that runs
+    of the same images (an ablation series, a resume) share them."""
+    return {m: build_cache(images, height, width, interpolation, workers=workers,
+                           path=os.path.join(folder, cache_name(m, images, height, width, interpolation)))
+            for m, images in (("vis", vis), ("ir", ir))}
 
 
 def cache_name(name, images, height, width, interpolation):

@@ -1,11 +1,11 @@
-"""Reports of evaluate.py's results: the per-run table, the end-of-run summary, the table across runs,
-and rank lists (text, and pictures with an index page).
+"""Reports of evaluate.py's results: the per-run table, a training run's epoch lines and end-of-run summary, the
+table across runs, and rank lists (text, and pictures with an index page).
 
 Results are the dicts of evaluate.evaluate_sysu / evaluate_regdb / evaluate_llcm: {setting: {"protocol",
 "rerank", "trials": [{"trial", "R1", ..., "mINP", "num_query", "num_gallery", "num_valid"}], "mean",
 "std"}}, metrics in percent. Rank lists follow the protocol's ranking and exclusion (docs/mult.md §9,
-docs/llcm.md (4.1)): NumPy's default argsort, then the images `evaluate.excluded` names dropped.
-Imports numpy and evaluate; Pillow and data/ (to read the images) only for the pictures.
+docs/llcm.md (4.1)): NumPy's default argsort, then the images `metrics.excluded` names dropped.
+Imports numpy and metrics.py; Pillow and data/ (to read the images) only for the pictures.
 
     print(format_table(results))                   # one row per (setting, trial), a mean row per setting
     print(format_summary(final, untrained))        # the end-of-run table, with the change from untrained
@@ -14,11 +14,13 @@ Imports numpy and evaluate; Pillow and data/ (to read the images) only for the p
 """
 import html
 import json
+import logging
 import os
 
 import numpy as np
 
-from evaluate import METRICS, excluded
+from metrics import METRICS, excluded
+from plumbing.logs import FILE_ONLY
 
 LABELS = {"all": "SYSU all-search", "indoor": "SYSU indoor-search",
           "v2t": "RegDB visible->thermal", "t2v": "RegDB thermal->visible",
@@ -27,6 +29,37 @@ SUMMARY_METRICS = ("R1", "mAP", "mINP")   # the columns of the end-of-run table 
 TILE_H, TILE_W, PAD = 128, 64, 6   # rank-list pictures: each image shown at 128 x 64 px
 _RUN_ARGS_IGNORED = {"seed", "trial", "out", "resume", "device", "workers", "threads", "data_root",
                      "eval_every", "extract_batch", "amp"}   # may differ between the runs of one table
+
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- a training run
+def epoch_line(record):
+    """One epoch record as the log's one line: 'epoch 3 (stage 1): clusters_vis 412, ..., loss 7.21, ...'."""
+    hidden = ("epoch", "stage", "cross_accuracy", "cross_accuracy_ot", "global", "global_plain", "loss_per_iteration")
+    return f"epoch {record['epoch']} (stage {record['stage']}): " + ", ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k not in hidden)
+
+
+def final_report(results, untrained, history, args):
+    """The end of a training run: the full per-trial tables to log.txt and results.json, one compact table to
+    the screen (with the untrained model's beside it when there is one)."""
+    if untrained is not None:
+        log.info("untrained model:\n" + format_table(untrained), extra=FILE_ONLY)
+    last = history[-1]["epoch"]
+    log.info(f"final model (last epoch, {last}):\n" + format_table(results), extra=FILE_ONLY)
+    log.info(f"final model (last epoch, {last})" + (", against the untrained one" if untrained else "")
+             + ", means over the gallery trials:\n" + format_summary(results, untrained)
+             + f"\nper-trial tables: {os.path.join(args.out, 'log.txt')}, {os.path.join(args.out, 'results.json')}")
+    if args.select_on_test:
+        scored = [r for r in history if "eval" in r]
+        best = max(scored, key=lambda r: next(iter(r["eval"].values())))
+        log.info(f"[model selection on the TEST set, not a valid protocol] best epoch {best['epoch']}: {best['eval']}")
+    tmp = os.path.join(args.out, "results.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"final": results, "untrained": untrained}, f, indent=2)
+    os.replace(tmp, os.path.join(args.out, "results.json"))
 
 
 # ----------------------------------------------------------------------------- tables

@@ -7,7 +7,7 @@ What train.py keeps global, and how (so that every rank holds what one process w
 - features of the training set: each rank extracts a contiguous share of the rows, `gather_rows` puts
   them back in row order, so every rank holds the same [N_v, D] and [N_r, D] tensors;
 - pseudo-labels: clustering and label transfer are exact but not cheap (dense products, Sinkhorn), and
-  need the whole feature matrix; they run once, on rank 0, and `from_rank_zero` sends the labels and soft
+  need the whole feature matrix; they run once, on rank 0, and `on_rank_zero` sends the labels and soft
   labels to every rank (an error there stops every rank with its message);
 - batches: the samplers are pure functions of (seed, epoch, labels), so every rank draws the same global
   batch and keeps its contiguous share of the positions; augmentations are seeded per global position;
@@ -80,16 +80,16 @@ def gather_rows(x, world):
     return torch.cat([p[:s] for p, s in zip(parts, sizes)])
 
 
-def from_rank_zero(fn, world):
-    """fn() computed on rank 0 only, its result sent to every rank (tensors travel on the CPU and come back
-    on this rank's device). If fn raises on rank 0, every rank stops: rank 0 with its own error, the others
-    with a RuntimeError naming it."""
+def on_rank_zero(world, fn, *args, **kwargs):
+    """fn(*args, **kwargs) computed on rank 0 only, its result sent to every rank (tensors travel on the CPU and
+    come back on this rank's device). If fn raises on rank 0, every rank stops: rank 0 with its own error, the
+    others with a RuntimeError naming it."""
     if world.size == 1:
-        return fn()
+        return fn(*args, **kwargs)
     payload = [None]
     if world.main:
         try:
-            payload = [("ok", _to(fn(), "cpu"))]
+            payload = [("ok", _to(fn(*args, **kwargs), "cpu"))]
         except BaseException as err:       # tell the others before stopping
             dist.broadcast_object_list([("error", f"{type(err).__name__}: {err}")], src=0)
             raise
@@ -115,6 +115,36 @@ def global_mean(x, world):
     if world.size == 1:
         return x
     return torch.distributed.nn.functional.all_reduce(x) / world.size
+
+
+class Gather:
+    """gather_rows as a step: Gather(world)(x) -> the rows of every rank's x, in rank order."""
+
+    def __init__(self, world):
+        self.world = world
+
+    def __call__(self, x):
+        return gather_rows(x, self.world)
+
+
+class GlobalMean:
+    """global_mean as a step: GlobalMean(world)(x) -> the mean of a per-rank batch mean over the ranks."""
+
+    def __init__(self, world):
+        self.world = world
+
+    def __call__(self, x):
+        return global_mean(x, self.world)
+
+
+def parallel(model, world):
+    """The network to train: `model` itself in a world of one, else wrapped in DistributedDataParallel (gradients
+    averaged over the ranks; BN buffers agree by construction with GlobalBatchNorm, so none are broadcast)."""
+    if world.size == 1:
+        return model
+    device = torch.device(world.device)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
 
 def barrier(world):

@@ -1,0 +1,61 @@
+"""The datasets by name: where each lives by default, its training set and its test protocol's image lists.
+
+    vis, ir = training_set("sysu", "datasets/SYSU-MM01")                # ImageLists, rows sorted by path
+    tests = test_sets("regdb", "datasets/RegDB", trial=3)               # {setting: (query, gallery)}
+
+"synthetic" is the demo's SYSU-MM01-layout set (demo/synthetic.py), rendered on first use; a folder holding a set
+rendered by demo/synthetic.py (its synthetic.json) is checked against the counts it recorded, a real dataset
+against the official counts (SYSU-MM01, LLCM; `allow_count_mismatch` accepts others).
+"""
+import json
+import os
+
+ROOTS = {"sysu": "datasets/SYSU-MM01", "regdb": "datasets/RegDB", "llcm": "datasets/LLCM",
+         "synthetic": "datasets/synthetic"}   # the default --data-root of train.py and evaluate.py
+SYNTHETIC_META = "synthetic.json"             # written by demo/synthetic.py into the folder it renders
+
+
+def training_set(dataset, root, trial=None, allow_count_mismatch=False):
+    """(vis, ir) ImageLists of the training split; the synthetic demo set is rendered first if missing."""
+    if dataset == "regdb":
+        from .regdb import regdb_train
+        return regdb_train(root, trial)
+    layout = "llcm" if dataset == "llcm" else "sysu"
+    meta = _synthetic_meta(root, dataset, layout)
+    if dataset == "synthetic":   # the demo set: rendered if missing, again if of an older format, same sizes
+        from demo.synthetic import ensure_synthetic
+        meta = ensure_synthetic(root, progress=True, **(meta["args"] if meta else {}))
+    if layout == "llcm":
+        from .llcm import LLCM_TRAIN_COUNTS as official, llcm_train as read
+    else:
+        from .sysu import SYSU_TRAIN_COUNTS as official, sysu_train as read
+    expected = meta["train_counts"] if meta else official
+    return read(root, expected=None if allow_count_mismatch else expected)
+
+
+def test_sets(dataset, root, trial=None, trials=10):
+    """{setting name: (query, gallery) ImageLists} of the test protocol: RegDB both directions of split `trial`;
+    SYSU-MM01 (and the synthetic set) all- and indoor-search, LLCM IR->VIS and VIS->IR, each for gallery draws
+    0..trials-1."""
+    if dataset == "regdb":
+        from .regdb import regdb_test
+        return {d: regdb_test(root, trial, direction=d) for d in ("v2t", "t2v")}
+    if dataset == "llcm":
+        from .llcm import llcm_test
+        return {f"{d} trial {t}": llcm_test(root, direction=d, trial=t) for d in ("i2v", "v2i") for t in range(trials)}
+    from .sysu import sysu_test
+    return {f"{mode} trial {t}": sysu_test(root, mode=mode, trial=t) for mode in ("all", "indoor")
+            for t in range(trials)}
+
+
+def _synthetic_meta(root, dataset, layout):
+    """The synthetic.json of a rendered set in `root`, or None; never another layout's set."""
+    path = os.path.join(root, SYNTHETIC_META)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("layout") != layout:
+        raise ValueError(f"{path}: a synthetic set in the {meta.get('layout')!r} layout; "
+                         f"--dataset {dataset} reads the {layout} layout")
+    return meta

@@ -1,0 +1,48 @@
+"""RegDB's protocol as one command (`train.py --dataset regdb --trial all`): one model per split, 1..10 in turn,
+each in its own run folder (finished splits are read back, an interrupted one resumes), then the ten-split table.
+Every split's folder, lists and images are checked before the first one trains.
+"""
+import argparse
+import json
+import logging
+import os
+
+from data.regdb import REGDB_TRIALS
+from plumbing import checks, distributed, reports, runs
+
+log = logging.getLogger(__name__)
+
+
+def run_all_splits(args, world, resolve, train_one, learning_rate):
+    """The ten runs, then the table across them -> the summary dict (rank 0; None on the other ranks).
+    resolve(args) -> (the split's resolved args, its preset flags); train_one(args, world) trains one split;
+    learning_rate(epoch, args) as train.py's."""
+    splits = [resolve(argparse.Namespace(**dict(vars(args), trial=t, out=os.path.join(args.out, f"trial{t}")
+                                                if args.out else None))) for t in REGDB_TRIALS]
+    distributed.on_rank_zero(world, _check_all, splits, args, learning_rate)
+    for split, _ in splits:
+        log.info(f"RegDB split {split.trial} of 10: {split.out}")
+        train_one(argparse.Namespace(**dict(vars(split), check_images=False)), world)
+    if not world.main:
+        return None
+    folders = [split.out for split, _ in splits]
+    text, summary = reports.summarize_runs(folders)
+    first = splits[0][0].out
+    folder = args.out or os.path.join(os.path.dirname(first),
+                                      os.path.basename(first).replace("_trial1", "_ten-splits", 1))
+    os.makedirs(folder, exist_ok=True)
+    runs.write_atomic(os.path.join(folder, "summary.txt"), text + "\n")
+    runs.write_atomic(os.path.join(folder, "summary.json"), json.dumps(summary, indent=2))
+    log.info(f"RegDB, ten splits (one model each):\n{text}\nwritten to {folder}/summary.txt and summary.json")
+    return summary
+
+
+def _check_all(splits, args, learning_rate):
+    """Every refusal of any split, and every image of every split decoded, before the first split trains."""
+    lists = []
+    for split, preset in splits:
+        runs.plan_run(split, preset, learning_rate)
+        vis, ir, tests, _ = checks.check_data(split)
+        lists += [vis, ir, *tests]
+    if args.check_images:
+        checks.check_images(lists, args)
