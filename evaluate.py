@@ -20,6 +20,7 @@ into them, and metrics.py scores each trial (the distance, the metric, optional 
     python evaluate.py --dataset synthetic --model pixels --save-features feats.npz --out out/
     python evaluate.py --from-features feats.npz
     python evaluate.py --summarize runs/mult_regdb_trial*
+    python evaluate.py --plot runs/mult_synthetic runs/mult_synthetic_association-ot --out mult_vs_ot.png
 
 The file reads top to bottom: the protocols (`evaluate_sysu`, `evaluate_regdb`, `evaluate_llcm`,
 `evaluate_from_features`), their steps, then the CLI. Tables and rank lists are plumbing/reports.py's.
@@ -35,10 +36,14 @@ import numpy as np
 import torch
 
 from data.datasets import ROOTS
+from data.transforms import RESIZE
 from features import extract_features, pixel_model
 from metrics import METRICS, eval_llcm, eval_regdb, eval_sysu, pairwise_distance, re_ranking
 from plumbing.checkpoints import model_from_checkpoint
+from plumbing.checks import check_device
 from plumbing.cli import run as run_cli
+from plumbing.device import configure as configure_device, fixed_algorithms
+from plumbing.curves import plot_runs
 from plumbing.logs import setup as setup_logging
 from plumbing.reports import format_table, summarize_runs, write_ranklist_index, write_trial_ranklists
 
@@ -53,45 +58,49 @@ logger = logging.getLogger("evaluate")
 def evaluate_sysu(model_fn, root, modes=("all", "indoor"), trials=range(10), shot="single",
                   height=288, width=144, device="cpu", batch_size=64, num_workers=0,
                   save_features=None, save_ranklist=0, ranklist_dir=None, rerank=None,
-                  ranklist_images=0, interpolation="bilinear"):
+                  ranklist_images=0, interpolation="bilinear", amp="off"):
     """SYSU-MM01 protocol (docs/mult.md §9) -> {mode: {"protocol", "shot", "rerank", "trials": [{"trial",
     "R1", ..., "mINP", "num_query", "num_gallery", "num_valid"}], "mean": {...}, "std": {...}}},
     metrics in percent. The query (every IR test image, the same in each mode and trial) and the gallery
     candidates (all-search's; indoor-search's cameras 1, 2 are among them) are extracted once; each
     trial's gallery, one draw from the candidates, is indexed into them.
     rerank: None, or the keyword arguments of `re_ranking` (e.g. {}) to re-rank every distance.
+    amp: "bf16" or "fp16" extracts under that autocast (features float32 either way); "off" (default).
     save_features: an .npz of the features and of each trial's rows, for `evaluate_from_features`.
     save_ranklist K > 0: each setting's first trial as a text rank list in ranklist_dir, and with
     ranklist_images M > 0 as M pictures plus an index page (reports.write_ranklist_images)."""
     from data.sysu import sysu_gallery_candidates, sysu_test
     modes, trials = _check_settings("evaluate_sysu", "modes", modes, ("all", "indoor"), trials)
     tests = {(mode, trial): sysu_test(root, mode, trial, shot) for mode in modes for trial in trials}
+    _check_rerank(rerank, [(len(q), len(g)) for q, g in tests.values()])
     widest = "all" if "all" in modes else "indoor"               # indoor's cameras 1, 2 are among all's
     sides = [(sysu_gallery_candidates(root, widest), f"{widest} gallery"), (tests[modes[0], trials[0]][0], "query")]
-    extracted = _extract(model_fn, sides, height, width, batch_size, device, num_workers, interpolation)
+    extracted = _extract(model_fn, sides, height, width, batch_size, device, num_workers, interpolation, amp)
     return _evaluate_runs(extracted, _runs(tests, extracted), {"protocol": "sysu", "shot": shot},
                           save_features, save_ranklist, ranklist_dir, rerank, ranklist_images)
 
 
 def evaluate_regdb(model_fn, root, trial, directions=("v2t", "t2v"), height=288, width=144,
                    device="cpu", batch_size=64, num_workers=0, save_features=None,
-                   save_ranklist=0, ranklist_dir=None, rerank=None, ranklist_images=0, interpolation="bilinear"):
+                   save_ranklist=0, ranklist_dir=None, rerank=None, ranklist_images=0, interpolation="bilinear",
+                   amp="off"):
     """RegDB protocol on split `trial` (1..10; docs/mult.md §9) -> results as `evaluate_sysu`. The model
     must have been trained on the same split; combine 10 runs with `mean_over_trials`. Both directions
     use the split's test visible and thermal images, each extracted once."""
     from data.regdb import regdb_test
     directions, _ = _check_settings("evaluate_regdb", "directions", directions, ("v2t", "t2v"))
     tests = {(direction, int(trial)): regdb_test(root, trial, direction) for direction in directions}
+    _check_rerank(rerank, [(len(q), len(g)) for q, g in tests.values()])
     query, gallery = tests[directions[0], int(trial)]            # the other direction: the two swapped
     sides = [(query, f"{directions[0]} query"), (gallery, f"{directions[0]} gallery")]
-    extracted = _extract(model_fn, sides, height, width, batch_size, device, num_workers, interpolation)
+    extracted = _extract(model_fn, sides, height, width, batch_size, device, num_workers, interpolation, amp)
     return _evaluate_runs(extracted, _runs(tests, extracted), {"protocol": "regdb"},
                           save_features, save_ranklist, ranklist_dir, rerank, ranklist_images)
 
 
 def evaluate_llcm(model_fn, root, directions=("i2v", "v2i"), trials=range(10), height=288, width=144,
                   device="cpu", batch_size=64, num_workers=0, save_features=None, save_ranklist=0,
-                  ranklist_dir=None, rerank=None, ranklist_images=0, interpolation="bilinear"):
+                  ranklist_dir=None, rerank=None, ranklist_images=0, interpolation="bilinear", amp="off"):
     """LLCM protocol (docs/llcm.md §3-§4; data/llcm.py) -> results as `evaluate_sysu`, one setting per
     direction: "i2v" (infrared queries, the official default), "v2i" (visible queries), and on request
     "v2i_transposed" (the official code's visible-to-infrared mode, where the sampled infrared images
@@ -100,9 +109,10 @@ def evaluate_llcm(model_fn, root, directions=("i2v", "v2i"), trials=range(10), h
     from data.llcm import DIRECTIONS, llcm_gallery_candidates, llcm_test
     directions, trials = _check_settings("evaluate_llcm", "directions", directions, DIRECTIONS, trials)
     tests = {(d, trial): llcm_test(root, d, trial) for d in directions for trial in trials}
+    _check_rerank(rerank, [(len(q), len(g)) for q, g in tests.values()])
     sides = [(llcm_gallery_candidates(root, "i2v"), "visible"),   # every visible test image
              (llcm_gallery_candidates(root, "v2i"), "infrared")]  # every infrared test image
-    extracted = _extract(model_fn, sides, height, width, batch_size, device, num_workers, interpolation)
+    extracted = _extract(model_fn, sides, height, width, batch_size, device, num_workers, interpolation, amp)
     return _evaluate_runs(extracted, _runs(tests, extracted), {"protocol": "llcm"},
                           save_features, save_ranklist, ranklist_dir, rerank, ranklist_images)
 
@@ -118,6 +128,7 @@ def evaluate_from_features(path, settings=None, trials=None, save_ranklist=0, ra
     if not chosen:
         raise ValueError(f"{path}: no saved evaluation matches settings={settings}, trials="
                          f"{None if trials is None else list(trials)}; saved: {[r[:2] for r in runs]}")
+    _check_rerank(rerank, [(len(q), len(g)) for _, _, q, g in chosen])
     return _evaluate_runs(extracted, chosen, info, None, save_ranklist, ranklist_dir, rerank, ranklist_images)
 
 
@@ -130,6 +141,17 @@ def evaluate_dataset(model_fn, dataset, root, trial=1, trials=range(10), **kwarg
     if dataset == "llcm":
         return evaluate_llcm(model_fn, root, trials=trials, **kwargs)
     return evaluate_sysu(model_fn, root, trials=trials, **kwargs)
+
+
+def evaluate_run(model, args, trials):
+    """A training run's evaluation (train.py's flags `args`): its dataset's protocol with `trials` gallery draws,
+    at its size, resize and --amp precision, with the same convolution algorithms every time (no autotuner)."""
+    model.eval()
+    with fixed_algorithms(args.device):
+        return evaluate_dataset(model.modality_fn(), args.dataset, args.data_root, args.trial, range(trials),
+                                height=args.height, width=args.width, device=args.device, amp=args.amp,
+                                batch_size=args.extract_batch, num_workers=args.workers,
+                                interpolation=RESIZE[args.method])
 
 
 def mean_over_trials(results_list):
@@ -147,14 +169,14 @@ def mean_over_trials(results_list):
     return settings
 
 
-def _extract(model_fn, sides, height, width, batch_size, device, num_workers, interpolation):
+def _extract(model_fn, sides, height, width, batch_size, device, num_workers, interpolation, amp="off"):
     """Flip-averaged features of the test images, one side [(ImageList, description)] after the other ->
     extracted = {"feats": float32 [M, D], "paths": [M], "pids", "camids", "modality": int64 [M]}."""
     feats = []
     for images, desc in sides:
         start = time.perf_counter()
         feats.append(extract_features(model_fn, images, height, width, batch_size, device, True,
-                                      num_workers, desc, interpolation))
+                                      num_workers, desc, interpolation, amp=amp))
         logger.info("features %s: %d images, %.1f s", desc, len(images), time.perf_counter() - start)
     lists = [images for images, _ in sides]
     return {"feats": torch.cat(feats).numpy(), "paths": [p for images in lists for p in images.paths],
@@ -277,6 +299,19 @@ def _check_settings(caller, name, chosen, allowed, trials=None):
     return chosen, trials
 
 
+def _check_rerank(rerank, sizes):
+    """Re-ranking's neighbour counts against the smallest trial, [(Q, G)], before any feature is extracted
+    (metrics.re_ranking: k1 in 1..Q+G-1, k2 in 1..Q+G)."""
+    if rerank is None:
+        return
+    n = min(q + g for q, g in sizes)
+    for flag, key, high in (("--rerank-k1", "k1", n - 1), ("--rerank-k2", "k2", n)):
+        value = rerank.get(key, {"k1": 20, "k2": 6}[key])
+        if isinstance(value, (int, np.integer)) and not 1 <= value <= high:
+            raise ValueError(f"{flag} {value}: re-ranking needs 1..{high} here (the smallest trial has {n} query "
+                             f"and gallery images)")
+
+
 def _check_outputs(save_ranklist, ranklist_dir, ranklist_images):
     if save_ranklist and ranklist_dir is None:
         raise ValueError("save_ranklist > 0 needs ranklist_dir (the folder for the rank lists)")
@@ -309,6 +344,9 @@ def get_args_parser():
     src.add_argument("--summarize", type=str, nargs="+", default=None, metavar="RUN",
                      help="print (and with --out write) the table across run folders: RegDB per split, "
                           "otherwise per seed, with mean ± std")
+    src.add_argument("--plot", type=str, nargs="+", default=None, metavar="RUN",
+                     help="draw the learning curves of run folders of one dataset into --out FILE.png, each run "
+                          "labelled by the flags in which it differs from the others")
     p.add_argument("--mode", type=str, default="both", choices=["all", "indoor", "both"], help="SYSU search mode")
     p.add_argument("--direction", type=str, default=None, choices=["both", "i2v", "v2i", "v2i_transposed"],
                    help="LLCM: both = i2v (IR->VIS, the official default) and v2i (VIS->IR; default); "
@@ -321,21 +359,25 @@ def get_args_parser():
     p.add_argument("--width", type=int, default=None, help="input width (144; a checkpoint supplies its own)")
     p.add_argument("--batch-size", type=int, default=64, help="test batch size (64)")
     p.add_argument("--device", type=str, default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off",
+                   help="the backbone's precision (off; bf16 on GPUs that have it); features, distances and metrics "
+                        "stay float32 / float64; convolutions on CUDA use TF32, matrix products IEEE float32")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="data loading workers (4, at most the number of CPU cores)")
     p.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=False,
                    help="k-reciprocal re-ranking of every distance (off; papers in this field report without it)")
-    p.add_argument("--rerank-k1", type=int, default=20, help="re-ranking k1 (20)")
-    p.add_argument("--rerank-k2", type=int, default=6, help="re-ranking k2 (6)")
-    p.add_argument("--rerank-lambda", type=float, default=0.3,
-                   help="re-ranking weight of the original distance (0.3)")
+    p.add_argument("--rerank-k1", type=int, default=None, help="re-ranking k1 (20), with --rerank")
+    p.add_argument("--rerank-k2", type=int, default=None, help="re-ranking k2 (6), with --rerank")
+    p.add_argument("--rerank-lambda", type=float, default=None,
+                   help="re-ranking weight of the original distance (0.3), with --rerank")
     p.add_argument("--save-features", type=str, default=None, help="write the features to this .npz")
     p.add_argument("--save-ranklist", type=int, default=0, metavar="K",
                    help="write the top-K rank list of each setting's first trial into --out")
     p.add_argument("--ranklist-images", type=int, default=0, metavar="M",
                    help="with --save-ranklist K: also M pictures per setting (query and top K, framed green / "
                         "red) and an index.html")
-    p.add_argument("--out", type=str, default=None, help="folder for results.json and rank lists")
+    p.add_argument("--out", type=str, default=None,
+                   help="folder for results.json and rank lists; with --plot, the picture (.png, .pdf or .svg)")
     return p
 
 
@@ -350,9 +392,15 @@ def main(argv=None):
             with open(os.path.join(args.out, "summary.txt"), "w") as f:
                 f.write(text + "\n")
         return summary
+    if args.plot:
+        groups = plot_runs(args.plot, args.out)
+        print(f"{args.out}: the curves of {len(args.plot)} runs: "
+              + "; ".join(f"{label} ({', '.join(folders)})" for label, folders in groups))
+        return groups
     _check_args(args)
     args.data_root = args.data_root or ROOTS[args.dataset]
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    configure_device(args.device)                  # TF32 convolutions, IEEE float32 matrix products (CUDA)
     model_fn, meta = pixel_model, {}
     if args.checkpoint:
         model_fn, meta = model_from_checkpoint(args.checkpoint, args.device, method=args.method)
@@ -363,13 +411,19 @@ def main(argv=None):
                            "each split needs its own model", meta["trial"], args.trial)
     args.height = args.height or meta.get("height") or 288
     args.width = args.width or meta.get("width") or 144
+    resized = None                     # a checkpoint evaluated at another size than it trained at: said, not hidden
+    if meta.get("height") and (args.height, args.width) != (meta["height"], meta["width"]):
+        resized = {"evaluated": [args.height, args.width], "trained": [meta["height"], meta["width"]]}
+        logger.warning("note: evaluating at %dx%d (--height, --width), but the checkpoint was trained at %dx%d",
+                       args.height, args.width, meta["height"], meta["width"])
     if args.dataset != "regdb" and not args.from_features:
         args.trials = args.trials or list(range(10))
     modes = ["all", "indoor"] if args.mode == "both" else [args.mode]
     directions = ["i2v", "v2i"] if args.direction in (None, "both") else [args.direction]
     for key, value in vars(args).items():
         print(f"{key}: {value}")
-    rerank = dict(k1=args.rerank_k1, k2=args.rerank_k2, lambda_value=args.rerank_lambda) if args.rerank else None
+    rerank = {k: v for k, v in (("k1", args.rerank_k1), ("k2", args.rerank_k2), ("lambda_value", args.rerank_lambda))
+              if v is not None} if args.rerank else None
     common = dict(save_ranklist=args.save_ranklist, ranklist_dir=args.out, rerank=rerank,
                   ranklist_images=args.ranklist_images)
     if args.from_features:
@@ -379,14 +433,16 @@ def main(argv=None):
     else:
         common.update(height=args.height, width=args.width, device=args.device,
                       batch_size=args.batch_size, num_workers=args.workers,
-                      save_features=args.save_features,
-                      interpolation="bicubic" if meta.get("method") == "mbmil" else "bilinear")
+                      save_features=args.save_features, amp=args.amp,
+                      interpolation=RESIZE[meta.get("method") or "mult"])
         if args.dataset == "regdb":
             results = evaluate_regdb(model_fn, args.data_root, args.trial, **common)
         elif args.dataset == "llcm":
             results = evaluate_llcm(model_fn, args.data_root, directions, args.trials, **common)
         else:
             results = evaluate_sysu(model_fn, args.data_root, modes, args.trials, args.shot, **common)
+    for entry in results.values() if resized else ():
+        entry["input_size"] = resized                          # format_table's note, and results.json's
     print(format_table(results))
     if args.out:
         write_json({"method": meta.get("method", args.model), "args": vars(args), "results": results},
@@ -414,6 +470,51 @@ def _check_args(args):
         raise SystemExit(f"--direction applies to --dataset llcm only (got --dataset {args.dataset})")
     if not (args.model or args.checkpoint or args.from_features):
         raise SystemExit("give --model pixels, --checkpoint PATH, --from-features PATH or --summarize RUN...")
+    # Every flag is checked here, before a feature is extracted: a mistake must not cost the extraction.
+    def need(ok, flag, expected):
+        if not ok:
+            raise SystemExit(f"evaluate.py: error: {flag} must be {expected}, got "
+                             f"{getattr(args, flag[2:].replace('-', '_'))!r}")
+    for flag, value in (("--rerank-k1", args.rerank_k1), ("--rerank-k2", args.rerank_k2)):
+        need(value is None or value >= 1, flag, "an integer >= 1 (the re-ranking neighbours)")
+    need(args.rerank_lambda is None or 0 <= args.rerank_lambda <= 1, "--rerank-lambda", "in [0, 1]")
+    given = [f for f in ("rerank_k1", "rerank_k2", "rerank_lambda") if getattr(args, f) is not None]
+    if given and not args.rerank:
+        logger.warning("note: %s apply with --rerank only; this evaluation does not re-rank (add --rerank)",
+                       ", ".join(f"--{f.replace('_', '-')} {getattr(args, f)}" for f in given))
+    need(args.batch_size >= 1, "--batch-size", "an integer >= 1")
+    need(args.workers >= 0, "--workers", "an integer >= 0")
+    need(args.height is None or args.height >= 16, "--height", ">= 16 (the backbone downsamples 16x)")
+    need(args.width is None or args.width >= 8, "--width", ">= 8 (the backbone downsamples 16x)")
+    need(args.dataset != "regdb" or 1 <= args.trial <= 10, "--trial", "in 1..10 (the RegDB split)")
+    need(not args.checkpoint or not os.path.isdir(args.checkpoint), "--checkpoint",
+         "a checkpoint file written by train.py, not a folder (e.g. RUN/last.pth)")
+    need(not args.from_features or os.path.isfile(args.from_features), "--from-features",
+         "an .npz file written by --save-features")
+    need(not args.save_features or not os.path.isdir(args.save_features), "--save-features",
+         "a file name (.npz), not a folder")
+    if args.save_features:
+        _check_writable(os.path.dirname(os.path.abspath(args.save_features)), "--save-features", args.save_features)
+    if args.out:
+        _check_writable(args.out, "--out", args.out)
+        held = [f for f in ("last.pth", "args.json") if os.path.isfile(os.path.join(args.out, f))]
+        need(not held, "--out", f"a folder other than a training run's (it holds {', '.join(held)}: its "
+                                f"results.json would be replaced), e.g. {os.path.join(args.out, 'eval')}")
+    if args.device is not None:
+        check_device(args.device, "evaluate.py")
+
+
+def _check_writable(folder, flag, value):
+    """SystemExit naming `flag` unless `folder` is a folder this process can write into, or can be made one
+    (its nearest existing parent is such a folder); nothing is created here."""
+    path = os.path.abspath(folder)
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise SystemExit(f"evaluate.py: error: {flag} {value}: {path} is a file; expected a folder there")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise SystemExit(f"evaluate.py: error: {flag} {value}: cannot write into {path} (permission denied or a "
+                         f"read-only file system); expected a folder this user can write")
 
 
 def cli(argv=None):

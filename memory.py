@@ -20,11 +20,18 @@ backward and the optimizer step, then update the memories under no_grad:
     apply_updates(banks, updates)          # MBMIL: intra_loss(memory, ...), then memory.update
 
 Shapes: B rows in a batch (B_v visible per view, B_r infrared), K slots, D feature size.
-Imports torch and the standard library only: the file can be copied alone into another codebase
+Labels may be integer tensors or NumPy integer arrays. A training loop holds them on the host (the samplers'
+batches index the pseudo-labels there): given as NumPy arrays they are checked on the host, copied to the
+device without a wait, and the bank updates plan their steps on the host, so that a training step never waits
+for the device to read a value back. The checks that would read the device (finite feature rows, positives of
+MBMIL's labels) can be left to the caller with check=False (train.py checks the loss once per read-out and the
+labels once per epoch).
+Imports torch, NumPy and the standard library only: the file can be copied alone into another codebase
 (tests/test_copy_one_file.py does so). Checked against the slow loop references and the
 hand-written loss combinations in tests/test_memory.py (`ref_sequential_update`,
 `ref_hybrid_update`, `expected_stage_two`, `ref_split`, `ref_multi_positive`).
 """
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -48,29 +55,42 @@ class ClusterMemory:
         return F.normalize(feats, dim=1) @ self.bank.t().to(feats.dtype) / self.temp
 
     @torch.no_grad()
-    def update(self, feats, labels):
+    def update(self, feats, labels, check=True):
         """Sequential momentum update (docs/mult.md §7.1, Eq. (7.2)), vectorised exactly.
 
         For each row i in batch order: M[y_i] <- normalize(m·M[y_i] + (1-m)·f̄_i). Rows of
         different labels commute, so step t updates the t-th occurrence of every label at once
         (unique indices per step; the loop runs over t = max count per label, not over rows).
         feats [B, D], labels int [B] in -1..K-1; rows labelled -1 (outliers) are skipped.
+        The steps are planned on the host from the labels (NumPy labels: without reading the device).
+        check=False skips the check that every feature row is finite and non-zero (a device read).
         The bank is replaced by a new tensor, so logits computed earlier keep their values.
         """
-        f, y = _labelled_unit_rows(feats, labels, self.bank)      # [n, D], [n]
-        if y.numel() == 0:
+        f, y = _labelled_unit_rows(feats, labels, self.bank, check)   # [n, D] on the device, [n] on the host
+        if len(y) == 0:
             return
         rank = _occurrence_rank(y)
-        order = torch.argsort(rank, stable=True)                  # step 0 first, batch order inside
-        sizes = torch.bincount(rank).tolist()                     # rows per step
+        order = np.argsort(rank, kind="stable")                   # step 0 first, batch order inside
+        sizes = np.bincount(rank).tolist()                        # rows per step
+        f, y = f.index_select(0, _to(order, f.device)), _to(y[order], f.device)
         bank, m = self.bank.clone(), self.momentum
-        for f_t, y_t in zip(f[order].split(sizes), y[order].split(sizes)):
+        for f_t, y_t in zip(f.split(sizes), y.split(sizes)):
             bank.index_copy_(0, y_t, F.normalize(m * bank[y_t] + (1 - m) * f_t, dim=1))
         self.bank = bank
 
 
 # ---------------------------------------------------------------------------------------------
-# MULT losses (docs/mult.md §7.2-7.5)
+# MULT memories and losses (docs/mult.md §7.2-7.5)
+
+def mult_banks(centers_v, centers_r, stage_two, momentum=0.1, temp=0.05):
+    """MULT's memories, each initialised to the cluster centers of its label space (docs/mult.md §7.2-7.3):
+    centers_v [K_v, D], centers_r [K_r, D]. Stage one: "vis" M_v and "ir" M_r. Stage two adds "ir_to_vis" M_{r→v}
+    [K_v] and "vis_to_ir" M_{v→r} [K_r] (the other modality's features under their transferred labels), and
+    "unified_vis" M_{c,v} [K_v], "unified_ir" M_{c,r} [K_r] (both modalities in one label space)."""
+    in_vis_space = ("vis", "ir_to_vis", "unified_vis")
+    names = ("vis", "ir", "ir_to_vis", "vis_to_ir", "unified_vis", "unified_ir") if stage_two else ("vis", "ir")
+    return {name: ClusterMemory(centers_v if name in in_vis_space else centers_r, momentum, temp) for name in names}
+
 
 def stage_one_loss(banks, feats_v0, feats_v1, feats_r, y_v, y_r):
     """Stage one, docs/mult.md §7.2, Eq. (7.3):
@@ -85,7 +105,7 @@ def stage_one_loss(banks, feats_v0, feats_v1, feats_r, y_v, y_r):
     s_v0 = _read(banks, "vis", feats_v0, y_v, updates, "y_v", allow_outliers=False)
     s_v1 = _read(banks, "vis", feats_v1, y_v, updates, "y_v", allow_outliers=False)
     s_r = _read(banks, "ir", feats_r, y_r, updates, "y_r", allow_outliers=False)
-    y_v, y_r = y_v.long().to(s_v0.device), y_r.long().to(s_r.device)
+    y_v, y_r = _to(y_v, s_v0.device), _to(y_r, s_r.device)
     loss = F.cross_entropy(s_v0, y_v) + F.cross_entropy(s_v1, y_v) + F.cross_entropy(s_r, y_r)
     return loss, updates
 
@@ -106,7 +126,8 @@ def stage_two_loss(banks, feats_v0, feats_v1, feats_r, hard, soft, epoch, oclr=T
     epoch: the ABSOLUTE epoch; even -> visible label space (13 terms), odd -> infrared label
     space (14 terms); oclr=False drops the 6 L_oclr terms (ablation).
     Each s(x; M) is computed once (pre-update bank) and registers one update; the plain reads
-    ŝ of L_oclr register none. Returns (loss, {"ms", "ma", "oclr"} as floats, updates).
+    ŝ of L_oclr register none. Returns (loss, {"ms", "ma", "oclr"} as detached 0-d tensors, to be read back
+    when they are logged, updates).
     """
     if int(epoch) != epoch:
         raise ValueError(f"stage_two_loss: epoch must be an integer, got {epoch!r}")
@@ -152,8 +173,7 @@ def stage_two_loss(banks, feats_v0, feats_v1, feats_r, hard, soft, epoch, oclr=T
                       + sce(v1_c, s_hat("ir", v0)) + sce(r_c, s_hat("vis_to_ir", r)))
     if not oclr:
         l_oclr = torch.zeros((), dtype=l_ms.dtype, device=l_ms.device)
-    ms, ma, oc = torch.stack([l_ms, l_ma, l_oclr]).detach().tolist()   # one device sync
-    return l_ms + l_ma + l_oclr, {"ms": ms, "ma": ma, "oclr": oc}, u
+    return l_ms + l_ma + l_oclr, {"ms": l_ms.detach(), "ma": l_ma.detach(), "oclr": l_oclr.detach()}, u
 
 
 def soft_ce(logits, target, name="target"):
@@ -179,7 +199,7 @@ def sce(p_logits, q_logits, temp=0.2):
 
 
 @torch.no_grad()
-def apply_updates(banks, updates):
+def apply_updates(banks, updates, check=True):
     """Apply the registered bank updates (Eq. (7.2)) in REVERSE call order (docs/mult.md §7.1).
 
     Official code vs this file: the official memories update inside autograd backward, which runs
@@ -188,11 +208,15 @@ def apply_updates(banks, updates):
     pre-update banks, and this function reproduces the final bank state; the only difference is
     that gradient subtlety, which is negligible (docs/mult.md §7.1, §14.4).
     updates: list of (bank_name, feats [B, D], labels [B]) as returned by the loss functions.
+    check: passed on to each update (False: no device read).
     """
     for name, feats, labels in reversed(updates):
         if name not in banks:
             raise KeyError(f"apply_updates: update for bank {name!r}, banks have {sorted(banks)}")
-        banks[name].update(feats, labels)
+        if check:
+            banks[name].update(feats, labels)
+        else:
+            banks[name].update(feats, labels, check=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,20 +242,22 @@ class HybridMemory:
         return f @ self.hard.t().to(f.dtype) / self.temp, f @ self.centroid.t().to(f.dtype) / self.temp
 
     @torch.no_grad()
-    def update(self, feats, labels):
+    def update(self, feats, labels, check=True):
         """One momentum step per label present in the batch (labels -1 skipped), docs/mbmil.md
         Eqs. (A.3.4)-(A.3.5):
 
         centroid[y] <- normalize(μ·centroid[y] + (1-μ)·mean_{i: y_i = y} f̄_i)
         hard[y]     <- normalize(μ·hard[y] + (1-μ)·f̄_{i*}), i* = the row of label y least similar
                        (cosine) to the current hard[y]; ties -> first in batch order.
-        feats [B, D], labels int [B] in -1..K-1 (for the global memory: prototype indices).
+        feats [B, D], labels int [B] in -1..K-1 (for the global memory: prototype indices). The labels
+        present are found on the host; check=False skips the device read of ClusterMemory.update's check.
         """
-        f, y = _labelled_unit_rows(feats, labels, self.centroid)   # [n, D], [n]
-        n, mu = y.numel(), self.momentum
+        f, y = _labelled_unit_rows(feats, labels, self.centroid, check)   # [n, D] on the device, [n] on the host
+        n, mu = len(y), self.momentum
         if n == 0:
             return
-        uniq, inv, counts = torch.unique(y, return_inverse=True, return_counts=True)   # [U]
+        uniq, inv, counts = (_to(a, f.device) for a in np.unique(y, return_inverse=True, return_counts=True))
+        y = _to(y, f.device)
         mean = torch.zeros(len(uniq), f.shape[1], dtype=f.dtype, device=f.device).index_add_(0, inv, f)
         mean = mean / counts[:, None].to(f.dtype)                                     # [U, D]
         sim = (f * self.hard[y]).sum(1)                                               # [n]
@@ -257,8 +283,8 @@ def intra_loss(memory, feats, labels, margin=0.2, hybrid=True, batch_mean=None):
     mean over all of them (the clamp of the whole batch's mean is not the mean of clamped shares).
     """
     hard_logits, centroid_logits = memory.logits(feats)
-    labels = _check_labels(labels, feats.shape[0], memory.centroid.shape[0], "labels", False)
-    labels = labels.to(centroid_logits.device)
+    labels = _to(_check_labels(labels, feats.shape[0], memory.centroid.shape[0], "labels", False),
+                 centroid_logits.device)
     mean = batch_mean or (lambda x: x)     # over several processes: the mean over the whole batch
     ce_centroid = mean(F.cross_entropy(centroid_logits, labels))
     if not hybrid:
@@ -289,20 +315,20 @@ def split_prototypes(feats, global_labels, modality):
     return centers, uniq // 2, proto_index
 
 
-def global_loss(memory, feats, labels, proto_labels, hard_neg_k=50):
+def global_loss(memory, feats, labels, proto_labels, hard_neg_k=50, check=True):
     """L_glb = ½(L_glb^m on the hard bank + L_glb^m on the centroid bank), docs/mbmil.md §A.3,
     Eq. (A.3.6).
 
     memory: the HybridMemory of the prototypes (centers from split_prototypes); feats [B, D];
     labels int [B] GLOBAL labels; proto_labels [P]. Update the memory afterwards with the
-    batch's prototype indices (proto_index), not with the global labels.
+    batch's prototype indices (proto_index), not with the global labels. check: multi_positive_loss's.
     """
     hard_logits, centroid_logits = memory.logits(feats)
-    return 0.5 * (multi_positive_loss(hard_logits, labels, proto_labels, hard_neg_k)
-                  + multi_positive_loss(centroid_logits, labels, proto_labels, hard_neg_k))
+    return 0.5 * (multi_positive_loss(hard_logits, labels, proto_labels, hard_neg_k, check)
+                  + multi_positive_loss(centroid_logits, labels, proto_labels, hard_neg_k, check))
 
 
-def multi_positive_loss(logits, labels, proto_labels, hard_neg_k=50):
+def multi_positive_loss(logits, labels, proto_labels, hard_neg_k=50, check=True):
     """Multi-positive InfoNCE over prototypes with hard negatives, L_glb^m (docs/mbmil.md §A.3,
     Eqs. (A.3.2)-(A.3.3)).
 
@@ -310,27 +336,39 @@ def multi_positive_loss(logits, labels, proto_labels, hard_neg_k=50):
     P(z_i) = prototypes whose global label is z_i; S(x_i) = the top `hard_neg_k` entries after
     setting the positives to +inf (all positives plus the hardest negatives; all P if fewer).
     logits [B, P] (already / τ), labels int [B], proto_labels int [P]. Returns the batch mean.
+    check: that every label has between 1 and hard_neg_k positives (check_positives; False leaves it to the
+    caller, who checks each epoch's labels once, without reading the device).
     """
     if logits.dim() != 2:
         raise ValueError(f"logits: expected [B, P], got {tuple(logits.shape)}")
     b, p = logits.shape
     if not isinstance(proto_labels, torch.Tensor) or proto_labels.shape != (p,):
         raise ValueError(f"proto_labels: expected a tensor [{p}] (one global label per prototype)")
-    labels = _check_labels(labels, b, None, "labels", allow_outliers=False).to(logits.device)
+    labels = _check_labels(labels, b, None, "labels", allow_outliers=False)
+    if b and check:
+        check_positives(labels, proto_labels, hard_neg_k)
+    labels = _to(labels, logits.device)
     pos = labels[:, None] == proto_labels[None, :].to(logits.device)   # [B, P]
     n_pos = pos.sum(1)                                                 # [B]
     k = min(int(hard_neg_k), p)
-    if b:
-        lo, hi = torch.stack([n_pos.min(), n_pos.max()]).tolist()      # one device sync
-        if lo == 0:
-            raise ValueError("labels: a batch label has no prototype in proto_labels")
-        if hi > k:
-            raise ValueError(f"hard_neg_k = {hard_neg_k} is smaller than the {hi} positives of "
-                             f"a row; S(x_i) must hold every positive")
     top = logits.detach().masked_fill(pos, float("inf")).topk(k, dim=1).indices   # S(x_i), [B, k]
     log_p = F.log_softmax(logits.gather(1, top), dim=1)                         # over S(x_i)
     sel_pos = pos.gather(1, top).to(log_p.dtype)                                # [B, k]
     return (-(log_p * sel_pos).sum(1) / n_pos.to(log_p.dtype)).mean()
+
+
+def check_positives(labels, proto_labels, hard_neg_k):
+    """Every global label of `labels` has a prototype, and no more than hard_neg_k of them (S(x_i) holds every
+    positive); ValueError otherwise. labels int [B], proto_labels int [P]: tensors (read back) or NumPy arrays."""
+    labels, proto = _host(labels), _host(proto_labels)
+    uniq, counts = np.unique(proto, return_counts=True)
+    at = np.minimum(np.searchsorted(uniq, labels), max(len(uniq) - 1, 0))
+    n_pos = np.where(uniq[at] == labels, counts[at], 0) if len(uniq) else np.zeros(len(labels), np.int64)
+    if len(n_pos) and n_pos.min() == 0:
+        raise ValueError("labels: a batch label has no prototype in proto_labels")
+    if len(n_pos) and n_pos.max() > hard_neg_k:
+        raise ValueError(f"hard_neg_k = {hard_neg_k} is smaller than the {n_pos.max()} positives of "
+                         f"a row; S(x_i) must hold every positive")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,32 +383,48 @@ def _read(banks, name, feats, labels, updates, label_name, allow_outliers=True):
 
 
 def _occurrence_rank(y):
-    """rank[i] = how many earlier rows of y (in batch order) carry the label y[i]. [n] -> [n]."""
-    order = torch.argsort(y, stable=True)                       # groups labels, keeps batch order
-    _, counts = torch.unique_consecutive(y[order], return_counts=True)
-    starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-    rank = torch.empty_like(y)
-    rank[order] = torch.arange(len(y), device=y.device) - starts
+    """rank[i] = how many earlier rows of y (in batch order) carry the label y[i]: int64 [n] -> [n], NumPy."""
+    order = np.argsort(y, kind="stable")                        # groups labels, keeps batch order
+    grouped = y[order]
+    new = np.r_[True, grouped[1:] != grouped[:-1]]              # the first row of each label
+    starts = np.maximum.accumulate(np.where(new, np.arange(len(y)), 0))
+    rank = np.empty_like(y)
+    rank[order] = np.arange(len(y)) - starts
     return rank
 
 
-def _unit_rows(feats, name):
+def _unit_rows(feats, name, check=True):
     """f̄ = f/‖f‖ per row, [B, D] -> [B, D]; rows are pre-scaled by their max |entry|, so huge
-    values cannot overflow ‖f‖ into a silent zero. NaN/Inf or all-zero rows raise."""
+    values cannot overflow ‖f‖ into a silent zero. NaN/Inf or all-zero rows raise (check=False: not
+    checked, which would read the device; they become NaN rows)."""
     scale = feats.abs().amax(1, keepdim=True)                       # [B, 1]; NaN/Inf propagate
-    if feats.shape[0] and not bool((torch.isfinite(scale) & (scale > 0)).all()):
+    if check and feats.shape[0] and not bool((torch.isfinite(scale) & (scale > 0)).all()):
         raise ValueError(f"{name}: contains NaN or Inf, or an all-zero row")
     return F.normalize(feats / scale, dim=1)
 
 
-def _labelled_unit_rows(feats, labels, bank):
-    """Checked update inputs: the L2-normalised rows of `feats` whose label is not -1, and those labels,
-    on the bank's device and dtype. bank [K, D]; feats [B, D]; labels int [B] in -1..K-1."""
+def _labelled_unit_rows(feats, labels, bank, check=True):
+    """Checked update inputs: the L2-normalised rows of `feats` whose label is not -1 [n, D], on the bank's
+    device and dtype, and those labels, int64 [n] on the host. bank [K, D]; feats [B, D]; labels int [B] in
+    -1..K-1 (a tensor is read back once: give host labels to keep the device busy)."""
     k, d = bank.shape
     _check_feats(feats, d, "feats")
-    labels = _check_labels(labels, feats.shape[0], k, "labels", True).to(bank.device)
-    keep = labels >= 0
-    return _unit_rows(feats.to(bank.device, bank.dtype), "feats")[keep], labels[keep]
+    labels = _host(_check_labels(labels, feats.shape[0], k, "labels", True))
+    keep = np.flatnonzero(labels >= 0)
+    f = _unit_rows(feats.to(bank.device, bank.dtype), "feats", check)
+    return f.index_select(0, _to(keep, bank.device)), labels[keep]
+
+
+def _host(labels):
+    """Integer labels as a NumPy array: a tensor is read back (from a device, that waits for it)."""
+    return labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+
+
+def _to(labels, device):
+    """Integer labels as an int64 tensor on `device`; from the host the copy does not wait (the driver stages
+    pageable memory before the call returns, so the source may change afterwards)."""
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    return labels.to(device, non_blocking=labels.device.type == "cpu")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,20 +441,25 @@ def _check_feats(feats, dim, name):
 
 
 def _check_labels(labels, n, k, name, allow_outliers):
-    """`labels` must be an integer tensor [n], values in [0, k) (k=None: no upper bound; -1 allowed
-    if allow_outliers); returns them as int64."""
-    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point() \
+    """`labels` must be an integer tensor or NumPy array [n], values in [0, k) (k=None: no upper bound; -1
+    allowed if allow_outliers); returns them as int64, where they are (an int64 array as the same object).
+    A NumPy array is checked on the host; a tensor on a device is read back once."""
+    if isinstance(labels, np.ndarray):
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"{name}: expected an integer array [B], got {labels.dtype} {labels.shape}")
+    elif not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point() \
             or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"{name}: expected an integer tensor [B], got {type(labels).__name__} "
                          f"{getattr(labels, 'dtype', '')} {getattr(labels, 'shape', '')}")
-    if labels.numel() != n:
-        raise ValueError(f"{name}: {labels.numel()} labels for {n} feature rows")
+    if len(labels) != n:
+        raise ValueError(f"{name}: {len(labels)} labels for {n} feature rows")
     if n:
-        lo, hi = torch.stack(torch.aminmax(labels)).tolist()
+        lo, hi = (int(labels.min()), int(labels.max())) if isinstance(labels, np.ndarray) \
+            else torch.stack(torch.aminmax(labels)).tolist()
         if lo < (-1 if allow_outliers else 0) or (k is not None and hi >= k):
             allowed = f"{-1 if allow_outliers else 0}..{'' if k is None else k - 1}"
             raise ValueError(f"{name}: values must lie in {allowed} (K = {k}), found {lo}..{hi}")
-    return labels.long()
+    return labels.astype(np.int64, copy=False) if isinstance(labels, np.ndarray) else labels.long()
 
 
 def _check_memory_args(centers, momentum, temp, cls):

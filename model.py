@@ -99,10 +99,16 @@ def load_backbone_weights(net, path):
     if missing:
         raise ValueError(f"--pretrained: {path} does not fit this backbone: {len(missing)} tensors missing, "
                          f"e.g. {missing[:3]} (is it a weight file of the same --arch?)")
-    try:
-        net.load_state_dict(state, strict=False)
-    except RuntimeError as err:
-        raise ValueError(f"--pretrained: {path} does not fit this backbone: {err}") from None
+    current = net.state_dict()
+    wrong = [k for k in sorted(expected)
+             if not isinstance(state[k], torch.Tensor) or state[k].shape != current[k].shape]
+    if wrong:                 # one line, not load_state_dict's line per tensor (a resnet50 file in a resnet18: 23)
+        k = wrong[0]
+        have = list(state[k].shape) if isinstance(state[k], torch.Tensor) else type(state[k]).__name__
+        raise ValueError(f"--pretrained: {path} does not fit this backbone: {len(wrong)} tensors of other shapes, "
+                         f"e.g. {k}: {have} in the file, {list(current[k].shape)} here (is it a weight file of the "
+                         f"same --arch?)")
+    net.load_state_dict(state, strict=False)
 
 
 def _resnet(arch, pretrained):

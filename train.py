@@ -7,22 +7,22 @@
 
 Every epoch is the papers' loop: extract the features of every training image -> cluster -> associate -> build
 the memories -> train, then evaluate (docs/mult.md §3, docs/mbmil.md §A.4).
-MULT:  per-modality Jaccard + DBSCAN (§4); stage one trains on intra-modality memories (§7.2); stage two adds the
-       Modality-Unified Label Transfer (§5) and trains with AMIRL and OCLR (§7.3-7.5)          -> `mult_epoch`
-MBMIL: per-modality clustering for the intra step; in stage two, one modality-aware global clustering
-       (docs/mbmil.md §A.2) and split-and-contrast prototypes (§A.3)                          -> `mbmil_epoch`
-The file reads in sections: presets and flags; MULT's epoch and its steps; MBMIL's; the steps both share; the
-loop. Every random draw of an epoch (sampler, augmentation) is seeded by (--seed, epoch), so a resumed run
-reproduces the uninterrupted one. Run folders, checks, checkpoints, logging and several processes: plumbing/.
+MULT (`mult_epoch`): per-modality Jaccard + DBSCAN (§4), stage one on intra-modality memories (§7.2); stage two
+  adds the Modality-Unified Label Transfer (§5) and trains with AMIRL and OCLR (§7.3-7.5).
+MBMIL (`mbmil_epoch`): per-modality clusters for the intra step; in stage two one modality-aware global clustering
+  (docs/mbmil.md §A.2) and split-and-contrast prototypes (§A.3).
+Sections: presets and flags; MULT's epoch and its steps; MBMIL's; the steps both share; the loop. Every random
+draw of an epoch is seeded by (--seed, epoch): a resumed run reproduces the uninterrupted one. plumbing/ holds
+the run folders, checks, checkpoints, logging and several processes.
 """
 import argparse
 import logging
 import time
 from contextlib import ExitStack
+from functools import partial
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import clustering
 import memory
@@ -32,12 +32,13 @@ from data.common import IR, VIS
 from data.datasets import ROOTS
 from data.fast import use_huge_pages
 from data.fast.loader import training_loader
-from evaluate import evaluate_dataset
-from features import extract_features
+from evaluate import evaluate_run
+from features import AMP_DTYPES, extract_features
 from model import TwoStreamNet
-from plumbing import checkpoints, checks, diagnostics, distributed, reports, runs
+from plumbing import checkpoints, checks, curves, diagnostics, distributed, reports, runs
 from plumbing.cli import run as run_cli
-from plumbing.logs import NoRunLog, setup as setup_logging
+from plumbing.device import configure as configure_device, fixed_algorithms
+from plumbing.logs import LossReadout, setup as setup_logging
 from plumbing.regdb_splits import run_all_splits
 
 log = logging.getLogger("train")
@@ -59,81 +60,79 @@ PRESETS = {
                       epochs=12, stage_one_epochs=6, iters="60,60", eps=0.5, global_eps=0.5, clusters=8,
                       instances=8, augment="light", lr_steps="6,9,11", eval_trials=10, workers=1),
 }
-# MBMIL: two stages of 50 epochs, each with a fresh Adam and StepLR(20, 0.1), 8 pseudo-ids x 16 instances. Its
-# subset rule keeps half of SYSU's visible images per step; LLCM's visible-to-infrared ratio (1.21:1) is close
-# to RegDB's 1:1, so it keeps them all. The synthetic steps (2 and 5 per stage) drop stage two at epochs 8, 11.
+# MBMIL: two stages of 50 epochs, each a fresh Adam with StepLR(20, 0.1), 8 pseudo-ids x 16 instances; its subset
+# rule keeps half of SYSU's visible images per step, all of RegDB's and LLCM's (their ratio to infrared is ~1:1).
+MBMIL_PAPER = dict(epochs=100, stage_one_epochs=50, clusters=8, instances=16, lr_steps="20,40")
 MBMIL_PRESETS = {
-    "sysu": dict(epochs=100, stage_one_epochs=50, iters="200,200", clusters=8, instances=16, subset_ratio=0.5,
-                 lr_steps="20,40"),
-    "regdb": dict(epochs=100, stage_one_epochs=50, iters="100,100", clusters=8, instances=16, subset_ratio=1.0,
-                  lr_steps="20,40"),
-    "llcm": dict(epochs=100, stage_one_epochs=50, iters="200,200", clusters=8, instances=16, subset_ratio=1.0,
-                 lr_steps="20,40"),
+    "sysu": dict(MBMIL_PAPER, iters="200,200", subset_ratio=0.5),
+    "regdb": dict(MBMIL_PAPER, iters="100,100", subset_ratio=1.0),
+    "llcm": dict(MBMIL_PAPER, iters="200,200", subset_ratio=1.0),
     "synthetic": dict(subset_ratio=0.5, clusters=8, instances=8, iters="60,30", lr_steps="2,5"),
 }
 DEFAULTS = dict(k1=30, k2=6, min_samples=4, lr=3.5e-4, weight_decay=5e-4, alpha=0.2, beta=0.7, temp=0.05,
                 sinkhorn_lambda=25.0, momentum=0.1, subset_ratio=1.0, hard_neg_k=50, intra_margin=0.2,
                 global_k1=30, global_k2=6, eval_every=1, extract_batch=128, augment="paper")
-# MBMIL's global step draws its batches' augmentations from the seed of epoch + this offset, apart from the
-# intra step's (which uses the epoch's own): two loaders of one epoch must not repeat each other's draws.
+# MBMIL's global step seeds its augmentations with epoch + this: its loader must not repeat the intra step's draws.
 GLOBAL_STEP_SEED_OFFSET = 100_000
 
 
 def get_args_parser():
     p = argparse.ArgumentParser("vireid training (MULT / MBMIL)")
-    a = p.add_argument
+    a = p.add_argument   # a flag left unset (None) takes its dataset and method preset's value, then DEFAULTS'
     a("--method", choices=("mult", "mbmil"), default="mult", help="mult (IJCV'24, default) or mbmil (AAAI'26)")
     a("--dataset", choices=tuple(PRESETS), default="synthetic", help="synthetic (default demo), sysu, regdb, llcm")
-    a("--data-root", type=str, default=None, help="dataset folder (layouts: docs/datasets.md)")
-    a("--trial", type=str, default="1",
-      help="RegDB split 1..10, or all: the protocol trains one model per split, then averages the ten")
-    a("--allow-count-mismatch", action="store_true", help="accept a SYSU-MM01 or LLCM with non-official counts")
-    a("--arch", choices=("resnet50", "resnet18"), default=None, help="backbone (papers: resnet50)")
-    a("--pretrained", type=str, default=None,
-      help="imagenet (torchvision V1, papers), a .pth path, none, or synthetic (demo/pretrain.py; the demo)")
-    a("--height", type=int, default=None, help="input height (papers: 288)")
-    a("--width", type=int, default=None, help="input width (papers: 144)")
-    a("--epochs", type=int, default=None, help="total epochs, both stages (MULT: 90; MBMIL: 100)")
-    a("--stage-one-epochs", type=int, default=None, help="epochs of stage one (MULT: 40; MBMIL: 50)")
-    a("--iters", type=str, default=None, help="iterations per epoch, 'N' or 'stage1,stage2' (MULT SYSU: 300,200)")
-    a("--augment", choices=("paper", "light"), default=None,
+    a("--data-root", help="dataset folder (layouts: docs/datasets.md)")
+    a("--trial", default="1", help="RegDB split 1..10, or all: one model per split, then the ten-split table")
+    a("--arch", choices=("resnet50", "resnet18"), help="backbone (papers: resnet50)")
+    a("--pretrained", help="imagenet (torchvision V1, papers), a .pth path, none, or synthetic (the demo's)")
+    a("--height", type=int, help="input height (papers: 288)")
+    a("--width", type=int, help="input width (papers: 144)")
+    a("--epochs", type=int, help="total epochs, both stages (MULT: 90; MBMIL: 100)")
+    a("--stage-one-epochs", type=int, help="epochs of stage one (MULT: 40; MBMIL: 50)")
+    a("--iters", help="iterations per epoch, 'N' or 'stage1,stage2' (MULT on SYSU: 300,200)")
+    a("--augment", choices=("paper", "light"),
       help="paper: each stage's augmentations (docs/mult.md §1.4); light: stage two's throughout (the demo)")
-    a("--clusters", type=int, default=None, help="clusters per batch (MULT: 12; MBMIL: 8)")
-    a("--instances", type=int, default=None, help="images per cluster and modality (MULT: 12; MBMIL: 16)")
-    a("--lr", type=float, default=None, help="Adam learning rate (3.5e-4)")
-    a("--weight-decay", type=float, default=None, help="Adam weight decay (5e-4)")
-    a("--lr-steps", type=str, default=None,
-      help="epochs where the lr drops x0.1 (MULT: 20,60,80 absolute; MBMIL: 20,40 within each stage)")
-    a("--eps", type=float, default=None, help="DBSCAN eps (SYSU 0.6, RegDB 0.3)")
-    a("--k1", type=int, default=None, help="Jaccard k1 (30)")
-    a("--k2", type=int, default=None, help="Jaccard k2 (6)")
-    a("--min-samples", type=int, default=None, help="DBSCAN min_samples (4)")
+    a("--clusters", type=int, help="clusters per batch (MULT: 12; MBMIL: 8)")
+    a("--instances", type=int, help="images per cluster and modality (MULT: 12; MBMIL: 16)")
+    a("--lr", type=float, help="Adam learning rate (3.5e-4)")
+    a("--weight-decay", type=float, help="Adam weight decay (5e-4)")
+    a("--lr-steps", help="epochs where the lr drops x0.1 (MULT: 20,60,80 absolute; MBMIL: 20,40 in each stage)")
+    a("--eps", type=float, help="DBSCAN eps (SYSU 0.6, RegDB 0.3)")
+    a("--k1", type=int, help="Jaccard k1 (30)")
+    a("--k2", type=int, help="Jaccard k2 (6)")
+    a("--min-samples", type=int, help="DBSCAN min_samples (4)")
     a("--association", choices=mult.ASSOCIATIONS, default="mult", help="MULT stage-two label association (mult)")
     a("--oclr", action=argparse.BooleanOptionalAction, default=True, help="OCLR loss (on; ablation: --no-oclr)")
-    a("--alpha", type=float, default=None, help="label-transfer anchor weight α (0.2)")
-    a("--beta", type=float, default=None, help="hard/soft label mix β (0.7)")
-    a("--temp", type=float, default=None, help="memory temperature τ (0.05)")
-    a("--sinkhorn-lambda", type=float, default=None, help="Sinkhorn λ (25)")
-    a("--momentum", type=float, default=None, help="memory momentum, the weight of the old entry (0.1)")
-    a("--subset-ratio", type=float, default=None, help="MBMIL: visible share of the intra step (SYSU 0.5, RegDB 1)")
-    a("--hard-neg-k", type=int, default=None, help="MBMIL: candidates of the multi-positive loss (50)")
-    a("--intra-margin", type=float, default=None, help="MBMIL: margin of the centroid term (0.2)")
+    a("--alpha", type=float, help="label-transfer anchor weight α (0.2)")
+    a("--beta", type=float, help="hard/soft label mix β (0.7)")
+    a("--temp", type=float, help="memory temperature τ (0.05)")
+    a("--sinkhorn-lambda", type=float, help="Sinkhorn λ (25)")
+    a("--momentum", type=float, help="memory momentum, the weight of the old entry (0.1)")
+    a("--subset-ratio", type=float, help="MBMIL: visible share of the intra step (SYSU 0.5, RegDB 1)")
+    a("--hard-neg-k", type=int, help="MBMIL: candidates of the multi-positive loss (50)")
+    a("--intra-margin", type=float, help="MBMIL: margin of the centroid term (0.2)")
     a("--intra-loss", choices=("hybrid", "infonce"), default="hybrid", help="MBMIL intra-modality loss (hybrid)")
-    a("--global-k1", type=int, default=None, help="MBMIL: k1 of the modality-aware global clustering (30, even)")
-    a("--global-k2", type=int, default=None, help="MBMIL: k2 of the global clustering (6)")
-    a("--global-eps", type=float, default=None, help="MBMIL: DBSCAN eps of the global clustering (as --eps)")
-    a("--diagnostics", action=argparse.BooleanOptionalAction, default=None,
-      help="also run the baselines on the same features each stage-two epoch (MULT: OT's labels; MBMIL: the plain "
-           "Jaccard's clusters) and log their quality; changes no result (default: synthetic only)")
-    a("--eval-every", type=int, default=None, help="evaluate every N epochs (1; the last epoch always)")
-    a("--eval-trials", type=int, default=None, help="SYSU / LLCM gallery draws of the final evaluation (10)")
-    a("--eval-untrained", action=argparse.BooleanOptionalAction, default=None,
-      help="evaluate the untrained model first, the reference of the learning curve (default: synthetic only)")
-    a("--select-on-test", action="store_true",
-      help="ALSO report the best epoch by test mAP (model selection on the test set; labelled as such)")
+    a("--global-k1", type=int, help="MBMIL: k1 of the modality-aware global clustering (30, even)")
+    a("--global-k2", type=int, help="MBMIL: k2 of the global clustering (6)")
+    a("--global-eps", type=float, help="MBMIL: DBSCAN eps of the global clustering (as --eps)")
     a("--seed", type=int, default=1, help="seeds everything (1)")
-    runs.add_run_flags(p)   # where and how the run runs: --out, --resume, --device, --amp, --input, --workers, ...
+    runs.add_run_flags(p)   # its folder, evaluation, device and input: --out, --resume, --eval-every, --amp, ...
     return p
+
+
+def preset(method, dataset):
+    """The flags the papers (or the demo) set for this method and dataset, over DEFAULTS."""
+    return {**DEFAULTS, **PRESETS[dataset], **(MBMIL_PRESETS[dataset] if method == "mbmil" else {})}
+
+
+def resolve_args(args):
+    """Every flag left unset from the presets, every flag checked, the run folder named."""
+    return checks.resolve_args(args, get_args_parser(), preset)
+
+
+def preset_args(args):
+    """The result flags the presets give for this method, dataset and trial (what a run folder is compared with)."""
+    return checks.preset_args(args, get_args_parser(), preset)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -142,7 +141,7 @@ def get_args_parser():
 def mult_epoch(net, optimizer, vis, ir, epoch, args):
     """Pseudo-labels from the current features, then one epoch of MULT training -> the epoch record, or None
     when DBSCAN found no cluster."""
-    stage, world = stage_of(epoch, args), world_of(args)
+    stage, world = 1 if epoch < args.stage_one_epochs else 2, distributed.World.of(args)
     feats_v, feats_r = extract(net, vis, args), extract(net, ir, args)              # [N_v, D], [N_r, D]
     pseudo = distributed.on_rank_zero(world, mult_pseudo_labels, feats_v, feats_r, stage, args)
     if pseudo is None:
@@ -150,10 +149,18 @@ def mult_epoch(net, optimizer, vis, ir, epoch, args):
     record = dict(pseudo["record"], stage=stage)
     if world.main:                  # ground truth, logged beside the method: it never reaches a loss or a sampler
         record.update(diagnostics.mult_epoch(pseudo, feats_v, feats_r, vis, ir, args))
-    banks = mult_memories(feats_v, feats_r, pseudo["clusters"], stage, args)
+    c = pseudo["clusters"]                      # the memories start from the DBSCAN centers (§7.2-7.3)
+    banks = memory.mult_banks(clustering.cluster_centers(feats_v, c["vis"]), clustering.cluster_centers(
+        feats_r, c["ir"]), stage == 2, args.momentum, args.temp)
     rng = np.random.default_rng([args.seed, epoch])
-    loader = make_loader(vis, ir, mult_batches(pseudo, stage, args, rng), args, epoch, stage)
-    record.update(train_mult(net, optimizer, loader, banks, pseudo, epoch, args))
+    if stage == 1:                  # unrelated clusters of each modality (§1.5)
+        batches = samplers.stage_one_batches(c["vis"], c["ir"], args.iters[0], args.clusters, args.instances, rng)
+    else:                           # each cluster's images beside those the label transfer gives it (§1.5)
+        h = pseudo["hard"]
+        batches = samplers.stage_two_batches(h["vis"], h["ir_to_vis"], h["vis_to_ir"], h["ir"], args.iters[1],
+                                             args.clusters, args.instances, rng)         # [iters, B, 2]
+    loader = make_loader(vis, ir, batches, args, epoch, stage)
+    record.update(train_mult(net, optimizer, loader, banks, pseudo, epoch, args, batches))
     return record
 
 
@@ -180,57 +187,36 @@ def mult_pseudo_labels(feats_v, feats_r, stage, args):
     return out
 
 
-def mult_memories(feats_v, feats_r, clusters, stage, args):
-    """The cluster memories, each initialised to its label space's DBSCAN centers. Stage one: one per modality
-    (§7.2). Stage two, six (§7.3): each modality's own; the other modality's features in this modality's label
-    space ("ir_to_vis" M_{r→v}, "vis_to_ir" M_{v→r}); both modalities in one label space ("unified_*" M_c)."""
-    center_v = clustering.cluster_centers(feats_v, torch.as_tensor(clusters["vis"], device=args.device))  # [K_v, D]
-    center_r = clustering.cluster_centers(feats_r, torch.as_tensor(clusters["ir"], device=args.device))   # [K_r, D]
-    in_vis_space = ("vis", "ir_to_vis", "unified_vis")
-    names = ("vis", "ir") if stage == 1 else ("vis", "ir", "ir_to_vis", "vis_to_ir", "unified_vis", "unified_ir")
-    return {name: memory.ClusterMemory(center_v if name in in_vis_space else center_r, args.momentum, args.temp)
-            for name in names}
-
-
-def mult_batches(pseudo, stage, args, rng):
-    """The epoch's batches [iters, B, 2] of (visible row, infrared row): stage one pairs unrelated clusters of
-    each modality; stage two pairs each cluster's images with those the label transfer gives it (§1.5)."""
-    if stage == 1:
-        c = pseudo["clusters"]
-        return samplers.stage_one_batches(c["vis"], c["ir"], args.iters[0], args.clusters, args.instances, rng)
-    h = pseudo["hard"]
-    return samplers.stage_two_batches(h["vis"], h["ir_to_vis"], h["vis_to_ir"], h["ir"], args.iters[1],
-                                      args.clusters, args.instances, rng)
-
-
-def train_mult(net, optimizer, loader, banks, pseudo, epoch, args):
+def train_mult(net, optimizer, loader, banks, pseudo, epoch, args, batches):
     """MULT stage one (§7.2) when `pseudo` has no stage-two labels, else stage two (AMIRL + OCLR, §7.3-7.5).
-    -> {"loss", "loss_<part>" (stage two), "loss_per_iteration"}, the losses of the global batch."""
+    batches: the epoch's global batches [iters, B, 2], every rank's; their rows index the labels, kept on the host
+    so that no step waits for the device. -> {"loss", "loss_<part>", "loss_per_iteration"} of the global batch."""
     net.train()
-    world = world_of(args)
-    two = "hard" in pseudo
-    labels = pseudo["hard"] if two else pseudo["clusters"]
-    labels = {k: torch.as_tensor(v, device=args.device) for k, v in labels.items()}
-    curve, parts_sum = [], {}
-    for it, batch in enumerate(progress(loader, epoch, world)):
-        vi, ri = batch["vis_index"].to(args.device), batch["ir_index"].to(args.device)   # [B], [B]: this rank's
-        f_v0, f_v1, f_r = forward_batch(net, batch, args)                                # each [B, D]
+    world, two = distributed.World.of(args), "hard" in pseudo
+    labels = {k: np.asarray(v, dtype=np.int64) for k, v in (pseudo["hard"] if two else pseudo["clusters"]).items()}
+    side = {k: 0 if k.startswith("vis") else 1 for k in labels}         # visible samples carry the "vis*" labels
+    lo, hi = distributed.share(batches.shape[1], world)
+    losses = LossReadout(epoch, world)
+    for it, batch in enumerate(losses.progress(loader)):
+        every = {k: y[batches[it, :, side[k]]] for k, y in labels.items()}    # [B] each: the global batch's
+        mine = {k: y[lo:hi] for k, y in every.items()}                        # this rank's positions
+        f_v0, f_v1, f_r = forward_batch(net, batch, args)                     # each [B / world, D]
         if not two:
-            loss, updates = memory.stage_one_loss(banks, f_v0, f_v1, f_r, labels["vis"][vi], labels["ir"][ri])
-        else:                       # visible samples carry the "vis*" labels, infrared ones the "ir*" labels
-            rows = {k: vi if k.startswith("vis") else ri for k in labels}
-            loss, parts, updates = memory.stage_two_loss(
-                banks, f_v0, f_v1, f_r, {k: labels[k][r] for k, r in rows.items()},
-                {k: pseudo["soft"][k][r] for k, r in rows.items()}, epoch, oclr=args.oclr)
-            for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + distributed.mean_over_ranks(v, world)
+            loss, updates = memory.stage_one_loss(banks, f_v0, f_v1, f_r, mine["vis"], mine["ir"])
+            parts = {}
+        else:
+            rows = [batch[k].to(args.device, non_blocking=True) for k in ("vis_index", "ir_index")]
+            soft = {k: pseudo["soft"][k][rows[side[k]]] for k in labels}
+            loss, parts, updates = memory.stage_two_loss(banks, f_v0, f_v1, f_r, mine, soft, epoch, oclr=args.oclr)
         optimise(optimizer, loss, epoch, it)
         # Every rank updates its banks with the whole global batch, in position order: they stay equal.
-        memory.apply_updates(banks, [(name, distributed.gather_rows(f, world), distributed.gather_rows(y, world))
-                                     for name, f, y in updates])
-        curve.append(distributed.mean_over_ranks(loss.item(), world))
-    n = max(len(curve), 1)
-    return dict(loss=sum(curve) / n, **{f"loss_{k}": v / n for k, v in parts_sum.items()}, loss_per_iteration=curve)
+        memory.apply_updates(banks, distributed.global_updates(updates, mine, every, world), check=False)
+        losses.add(loss, *parts.values())
+    rows, n = losses.read(), max(len(losses.rows), 1)                  # [[loss, ms, ma, oclr], ...] floats
+    curve = [row[0] for row in rows]
+    parts = {f"loss_{k}": sum(row[i] for row in rows) / n for i, k in enumerate(("ms", "ma", "oclr"), 1)} \
+        if two and rows else {}
+    return dict(loss=sum(curve) / n, **parts, loss_per_iteration=curve)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -239,28 +225,24 @@ def train_mult(net, optimizer, loader, banks, pseudo, epoch, args):
 def mbmil_epoch(net, optimizer, vis, ir, epoch, args):
     """Pseudo-labels from the current features, then one epoch of MBMIL training -> the epoch record, or None
     when DBSCAN found no cluster."""
-    stage, world = stage_of(epoch, args), world_of(args)
+    stage, world = 1 if epoch < args.stage_one_epochs else 2, distributed.World.of(args)
     rng = np.random.default_rng([args.seed, epoch])
     feats_v, feats_r = extract(net, vis, args), extract(net, ir, args)              # [N_v, D], [N_r, D]
-    intra_rows, global_rows = samplers.visible_split(len(vis), args.subset_ratio, rng)   # the subset rule
-    pseudo = distributed.on_rank_zero(world, mbmil_pseudo_labels, feats_v, feats_r, intra_rows, global_rows,
-                                      stage, args)
+    intra, glob = samplers.visible_split(len(vis), args.subset_ratio, rng)         # the subset rule: visible rows
+    pseudo = distributed.on_rank_zero(world, mbmil_pseudo_labels, feats_v, feats_r, intra, glob, stage, args)
     if pseudo is None:
         return None
     record = dict(pseudo["record"], stage=stage)
     if world.main:                  # ground truth, logged beside the method: it never reaches a loss or a sampler
         record.update(diagnostics.mbmil_epoch(pseudo, feats_v, feats_r, vis, ir, args))
-    mems = mbmil_memories(feats_v, feats_r, pseudo, args)
-    c = pseudo["clusters"]
-    loaders = [make_loader(vis, ir, samplers.stage_one_batches(c["vis"], c["ir"], args.iters[stage - 1],
-                                                               args.clusters, args.instances, rng),
-                           args, epoch, stage)]
-    if "global" in pseudo:           # stage two: batches of the global clusters for the split-and-contrast step
-        g = pseudo["global"]
-        loaders.append(make_loader(vis, ir, samplers.stage_one_batches(g["vis"], g["ir"], args.iters[1],
-                                                                       args.clusters, args.instances, rng),
-                                   args, epoch + GLOBAL_STEP_SEED_OFFSET, stage))
-    record.update(train_mbmil(net, optimizer, loaders, mems, pseudo, epoch, args))
+    # The intra step's batches of each modality's clusters; in stage two the global step's, of the global clusters.
+    batches = [samplers.stage_one_batches(labels["vis"], labels["ir"], iters, args.clusters, args.instances, rng)
+               for labels, iters in ((pseudo["clusters"], args.iters[stage - 1]), (pseudo.get("global"), args.iters[1]))
+               if labels is not None]                                                  # [iters, B, 2] each
+    mems = mbmil_memories(feats_v, feats_r, pseudo, batches, args)
+    loaders = [make_loader(vis, ir, b, args, epoch + step * GLOBAL_STEP_SEED_OFFSET, stage)
+               for step, b in enumerate(batches)]
+    record.update(train_mbmil(net, optimizer, loaders, mems, pseudo, epoch, args, batches))
     return record
 
 
@@ -288,104 +270,91 @@ def mbmil_pseudo_labels(feats_v, feats_r, intra_rows, global_rows, stage, args):
     return out
 
 
-def mbmil_memories(feats_v, feats_r, pseudo, args):
+def mbmil_memories(feats_v, feats_r, pseudo, batches, args):
     """A hybrid memory per modality from its intra clusters; in stage two the memory of the global clusters'
     modality-specific prototypes ("split", §A.3), with each training row's prototype."""
-    def hybrid(feats, labels):
-        centers = clustering.cluster_centers(feats, torch.as_tensor(labels, device=args.device))   # [K, D]
-        return memory.HybridMemory(centers, momentum=args.momentum, temp=args.temp)
-    mems = {"vis": hybrid(feats_v, pseudo["clusters"]["vis"]), "ir": hybrid(feats_r, pseudo["clusters"]["ir"])}
+    mems = {m: memory.HybridMemory(clustering.cluster_centers(f, pseudo["clusters"][m]), args.momentum, args.temp)
+            for m, f in (("vis", feats_v), ("ir", feats_r))}
     if "global" in pseudo:
         g, rows = pseudo["global"], torch.as_tensor(pseudo["global_rows"], device=args.device)
         protos, proto_labels, proto_index = memory.split_prototypes(
             torch.cat([feats_v[rows], feats_r]), torch.as_tensor(g["labels"], device=args.device),
             torch.as_tensor(g["modality"], device=args.device))                   # [P, D], [P], [N_g + N_r]
-        proto_v = torch.full((len(feats_v),), -1, dtype=torch.int64, device=args.device)   # prototype per vis row
-        proto_v[rows] = proto_index[:len(rows)]
+        proto_index = proto_index.cpu().numpy()       # host labels of the updates: read back once an epoch
+        proto_v = np.full(len(feats_v), -1, dtype=np.int64)                       # prototype per vis row
+        proto_v[pseudo["global_rows"]] = proto_index[:len(rows)]
         mems["global"] = memory.HybridMemory(protos, momentum=args.momentum, temp=args.temp)
         mems["prototypes"] = {"labels": proto_labels, "vis": proto_v, "ir": proto_index[len(rows):]}
+        labels = np.r_[g["vis"][batches[1][..., 0]].ravel(), g["ir"][batches[1][..., 1]].ravel()]   # the batches'
+        memory.check_positives(labels, proto_labels, args.hard_neg_k)   # once, what global_loss(check=False) skips
     return mems
 
 
-def train_mbmil(net, optimizer, loaders, mems, pseudo, epoch, args):
+def train_mbmil(net, optimizer, loaders, mems, pseudo, epoch, args, batches):
     """Per iteration the intra-modality step, then in stage two the global split-and-contrast step (§A.3).
-    -> {"loss", "loss_intra", "loss_global" (stage two), "loss_per_iteration"}, the losses of the global batch."""
+    batches: each loader's global batches [iters, B, 2], every rank's; their rows index the host labels.
+    -> {"loss", "loss_intra", "loss_global" (stage two), "loss_per_iteration"} of the global batch."""
     net.train()
-    world = world_of(args)
+    world = distributed.World.of(args)
     gather = distributed.Gather(world)            # rows of every rank's share, in global position order
-    intra = {m: torch.as_tensor(pseudo["clusters"][m], device=args.device) for m in ("vis", "ir")}
-    glob = {m: torch.as_tensor(pseudo["global"][m], device=args.device) for m in ("vis", "ir")} \
-        if "global" in pseudo else None
-    sums, curve = {"loss_intra": 0.0, "loss_global": 0.0}, []
-    batches = zip(*loaders) if len(loaders) == 2 else ((b, None) for b in loaders[0])
-    for it, (batch, gbatch) in enumerate(progress(batches, epoch, world, total=len(loaders[0]))):
+    (lo, hi), (g_lo, g_hi) = (distributed.share(b.shape[1], world) for b in batches[:1] + batches[-1:])
+    intra, glob, protos = pseudo["clusters"], pseudo.get("global"), mems.get("prototypes")   # host labels
+    intra_loss = partial(memory.intra_loss, margin=args.intra_margin, hybrid=args.intra_loss == "hybrid",
+                         batch_mean=distributed.GlobalMean(world))      # its clamp acts on the global batch's mean
+    pairs = zip(*loaders) if len(loaders) == 2 else ((b, None) for b in loaders[0])
+    losses = LossReadout(epoch, world)
+    for it, (batch, gbatch) in enumerate(losses.progress(pairs, total=len(loaders[0]))):
         # (1) L_intra^vis + L_intra^ir: both visible views share the pseudo-label.
-        vi, ri = batch["vis_index"].to(args.device), batch["ir_index"].to(args.device)
-        f_v0, f_v1, f_r = forward_batch(net, batch, args)
-        y_v, y_r = intra["vis"][vi], intra["ir"][ri]
-        loss = (intra_loss(mems["vis"], torch.cat([f_v0, f_v1]), y_v.repeat(2), args, world)
-                + intra_loss(mems["ir"], f_r, y_r, args, world))
+        rows = batches[0][it]                                               # [B, 2]: the global batch
+        y_v, y_r = intra["vis"][rows[:, 0]], intra["ir"][rows[:, 1]]        # [B] each
+        f_v0, f_v1, f_r = forward_batch(net, batch, args)                   # [B / world, D] each
+        loss = intra_loss(mems["vis"], torch.cat([f_v0, f_v1]), np.tile(y_v[lo:hi], 2)) + intra_loss(
+            mems["ir"], f_r, y_r[lo:hi])
         optimise(optimizer, loss, epoch, it)
-        mems["vis"].update(torch.cat([gather(f_v0.detach()), gather(f_v1.detach())]), gather(y_v).repeat(2))
-        mems["ir"].update(gather(f_r.detach()), gather(y_r))
-        curve.append(distributed.mean_over_ranks(loss.item(), world))
-        sums["loss_intra"] += curve[-1]
+        mems["vis"].update(torch.cat([gather(f_v0.detach()), gather(f_v1.detach())]), np.tile(y_v, 2), check=False)
+        mems["ir"].update(gather(f_r.detach()), y_r, check=False)
         if gbatch is None:
+            losses.add(loss)
             continue
         # (2) ½(L_glb^ir + L_glb^vis): multi-positive contrast over the modality-specific prototypes.
-        vi, ri = gbatch["vis_index"].to(args.device), gbatch["ir_index"].to(args.device)
+        rows = batches[1][it]                                               # [B_g, 2]: its own size
+        z_v, z_r = glob["vis"][rows[g_lo:g_hi, 0]], glob["ir"][rows[g_lo:g_hi, 1]]   # this rank's global labels
         g_v0, g_v1, g_r = forward_batch(net, gbatch, args)
-        protos = mems["prototypes"]
-        loss = 0.5 * (memory.global_loss(mems["global"], g_r, glob["ir"][ri], protos["labels"], args.hard_neg_k)
-                      + memory.global_loss(mems["global"], torch.cat([g_v0, g_v1]), glob["vis"][vi].repeat(2),
-                                           protos["labels"], args.hard_neg_k))
-        optimise(optimizer, loss, epoch, it)
-        proto_v = gather(protos["vis"][vi])      # the memory is updated by prototype rows, not global labels
+        global_loss = 0.5 * (
+            memory.global_loss(mems["global"], g_r, z_r, protos["labels"], args.hard_neg_k, check=False)
+            + memory.global_loss(mems["global"], torch.cat([g_v0, g_v1]), np.tile(z_v, 2), protos["labels"],
+                                 args.hard_neg_k, check=False))
+        optimise(optimizer, global_loss, epoch, it)
+        proto_v = protos["vis"][rows[:, 0]]       # the memory is updated by prototype rows, not global labels
         mems["global"].update(torch.cat([gather(g_v0.detach()), gather(g_v1.detach()), gather(g_r.detach())]),
-                              torch.cat([proto_v, proto_v, gather(protos["ir"][ri])]))
-        global_loss = distributed.mean_over_ranks(loss.item(), world)
-        sums["loss_global"] += global_loss
-        curve[-1] += global_loss
-    n = max(len(curve), 1)
-    out = {k: v / n for k, v in sums.items() if glob is not None or k == "loss_intra"}
+                              np.r_[proto_v, proto_v, protos["ir"][rows[:, 1]]], check=False)
+        losses.add(loss, global_loss)
+    rows, n = losses.read(), max(len(losses.rows), 1)                  # [[intra, global], ...] floats
+    curve = [row[0] + row[1] if len(row) > 1 else row[0] for row in rows]   # in iteration order, as read
+    out = {"loss_intra": sum(row[0] for row in rows) / n}
+    if glob is not None:
+        out["loss_global"] = sum(row[1] for row in rows) / n
     return dict(out, loss=sum(out.values()), loss_per_iteration=curve)
-
-
-def intra_loss(mem, feats, labels, args, world):
-    """L_intra (§A.3) of one modality; its clamp acts on the whole global batch's mean, across processes."""
-    return memory.intra_loss(mem, feats, labels, margin=args.intra_margin, hybrid=args.intra_loss == "hybrid",
-                             batch_mean=distributed.GlobalMean(world))
 
 
 # ---------------------------------------------------------------------------------------------------
 # Steps both methods share
 
-def stage_of(epoch, args):
-    return 1 if epoch < args.stage_one_epochs else 2
-
-
-def world_of(args):
-    """This process's place among the --world-size ones (one, without torchrun)."""
-    return distributed.World(args.rank, args.world_size, args.device)
-
-
 def extract(net, images, args):
-    """Eval features of every image of one modality, no flip (the clustering input): [N, D] on the device, in
-    row order. Each rank extracts a contiguous share of the rows, and every rank gets all of them."""
+    """Eval features of every image of one modality, no flip (the clustering input): float32 [N, D] on the device,
+    in row order, whatever --amp. Each rank extracts a contiguous share of the rows; every rank gets all of them."""
     model = getattr(net, "module", net)          # the network itself, outside DistributedDataParallel
     model.eval()
-    world = world_of(args)
+    world = distributed.World.of(args)
+    distributed.same_buffers(model, world)       # one model for all shares (--no-sync-bn: rank 0's BN statistics)
     lo, hi = distributed.share(len(images), world)
-    feats = extract_features(model.modality_fn(), images.subset(np.arange(lo, hi)), args.height, args.width,
-                             device=args.device, batch_size=args.extract_batch, flip=False, num_workers=args.workers,
-                             interpolation=interpolation(args), desc=f"features {'vis' if images.modality == VIS else 'ir'}",
-                             progress=world.main, cache=getattr(images, "cache", None))
-    return distributed.gather_rows(feats.to(args.device), world)
-
-
-def interpolation(args):
-    """The resize of training, extraction and testing: bilinear as MULT's code, bicubic as MBMIL's."""
-    return "bicubic" if args.method == "mbmil" else "bilinear"
+    with fixed_algorithms(args.device):          # the same convolution algorithms every epoch
+        feats = extract_features(model.modality_fn(), images.subset(np.arange(lo, hi)), args.height, args.width,
+                                 device=args.device, batch_size=args.extract_batch, flip=False, amp=args.amp,
+                                 num_workers=args.workers, interpolation=transforms.RESIZE[args.method],
+                                 desc=f"features {'vis' if images.modality == VIS else 'ir'}", progress=world.main,
+                                 cache=getattr(images, "cache", None), out_device=args.device)   # [N / world, D]
+    return distributed.gather_rows(feats, world, total=len(images))
 
 
 def cluster(feats, name, args, modality=None, step="intra"):
@@ -405,16 +374,9 @@ def make_loader(vis, ir, batches, args, epoch, stage):
     of each position is seeded by (--seed, epoch, batch, global position), the same draws for both inputs."""
     tfm = transforms.train_transforms(args.height, args.width, 2 if args.augment == "light" else stage,
                                       method=args.method, pad=transforms.crop_pad(args.height))
-    lo, hi = distributed.share(batches.shape[1], world_of(args))
+    lo, hi = distributed.share(batches.shape[1], distributed.World.of(args))
     seed = int(np.random.SeedSequence([args.seed, epoch, 0]).generate_state(1)[0])
     return training_loader(vis, ir, tfm, batches[:, lo:hi], seed, lo, args.input, args.device, args.workers)
-
-
-def progress(batches, epoch, world, total=None):
-    return tqdm(batches, total=total, desc=f"epoch {epoch}", leave=False, disable=not world.main)
-
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def forward_batch(net, batch, args):
@@ -432,10 +394,8 @@ def forward_batch(net, batch, args):
 
 
 def optimise(optimizer, loss, epoch, it):
-    """One step; with --amp fp16 through the optimizer's loss scaler (a pass-through otherwise)."""
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, iteration {it}: stopping. The last "
-                                 f"good checkpoint is last.pth of the previous epoch; try a lower --lr or --amp off.")
+    """One step; with --amp fp16 through the optimizer's loss scaler (a pass-through otherwise). The loss is not
+    read here, which would wait for the device: LossReadout checks it. epoch, it: the step, for test wrappers."""
     optimizer.zero_grad(set_to_none=True)
     optimizer.scaler.scale(loss).backward()
     optimizer.scaler.step(optimizer)
@@ -460,65 +420,52 @@ def learning_rate(epoch, args):
     return args.lr * 0.1 ** sum(epoch >= s for s in args.lr_steps)
 
 
-def run_evaluation(model, args, trials):
-    """The dataset's official protocol with `trials` gallery draws; run by rank 0 alone."""
-    model.eval()
-    return evaluate_dataset(model.modality_fn(), args.dataset, args.data_root, args.trial, range(trials),
-                            height=args.height, width=args.width, device=args.device, batch_size=args.extract_batch,
-                            num_workers=args.workers, interpolation=interpolation(args))
-
-
 # ---------------------------------------------------------------------------------------------------
 # The loop
 
 def main(argv=None):
     use_huge_pages()                   # before the first tensor: PyTorch reads the switch at its first allocation
     args = resolve_args(get_args_parser().parse_args(argv))
-    checks.check_world(args)
     world = distributed.setup(args.device, args.dist_timeout)       # a world of one without torchrun
     args.device, args.rank, args.world_size = world.device, world.rank, world.size
+    configure_device(args.device, autotune=True)   # TF32 convolutions, float32 matrix products, cuDNN autotuner
+    if args.threads:
+        torch.set_num_threads(args.threads)
     setup_logging(world.main)
     if args.trial == "all":
-        return run_all_splits(args, world, resolve_split, train, learning_rate)
+        return run_all_splits(args, world, resolve_args, preset_args, train, learning_rate)
     return train(args, world)
 
 
 def train(args, world):
     """One run: its preparation (rank 0), the epochs, the report. Rank 0 alone checks, logs and writes."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
     with ExitStack() as hold:                   # the run folder stays held until the run ends, however it ends
         run = distributed.on_rank_zero(world, checks.prepare_run, args, hold, preset_args(args), learning_rate,
-                                       interpolation(args))
+                                       transforms.RESIZE[args.method])
         torch.manual_seed(args.seed)
         np.random.seed(args.seed)
-        model = TwoStreamNet(args.arch, run["weights"]).to(args.device)
+        model = TwoStreamNet(args.arch, run["weights"]).to(
+            args.device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
         if world.size > 1 and args.sync_bn:
             distributed.global_batch_norm(model)                  # BN statistics of the whole global batch
-        if args.channels_last:
-            model = model.to(memory_format=torch.channels_last)
         optimizer = make_optimizer(model, args)
         state = checkpoints.restore(model, optimizer, run, args, world)
         net = distributed.parallel(model, world)
-        with runs.open_run_folder(args, run["plan"], state["history"], preset_args(args)) if world.main \
-                else NoRunLog() as run_log:
-            runs.log_start(args, preset_args(args), run, state["start"])
-            if run["caches"] is not None:          # the other ranks received them by file path
-                run["vis"].cache, run["ir"].cache = run["caches"]["vis"], run["caches"]["ir"]
-            if run["plan"]["mode"] == "fresh" and args.eval_untrained and world.main:
-                state["untrained"] = run_evaluation(model, args, args.eval_trials)
-                log.info("untrained model (reference for the learning curve):\n"
-                         + reports.format_table(state["untrained"]))
+        with runs.run_log(args, run, state, preset_args(args), world.main) as run_log:
+            if run["plan"]["mode"] == "fresh" and args.eval_untrained and world.main:   # the curve's reference
+                state["untrained"] = evaluate_run(model, args, args.eval_trials)
+                log.info("untrained model:\n" + reports.format_table(state["untrained"]))
             for epoch in range(state["start"], args.epochs):
                 if args.method == "mbmil" and epoch == args.stage_one_epochs and epoch > 0:
                     optimizer = make_optimizer(model, args)    # MBMIL's stage two starts a fresh Adam (§A.4)
                 state["history"].append(run_epoch(net, model, optimizer, run, epoch, state, args, world))
                 if world.main:
                     checkpoints.save_epoch(model, optimizer, args, state, run_log)
+                    curves.refresh_run_curves(args.out, state["history"][-1], state["untrained"])   # never a stop
             if not world.main:
                 return None
             if state["results"] is None:   # a finished run whose checkpoint has no results: evaluate it now
-                state["results"] = run_evaluation(model, args, args.eval_trials)
+                state["results"] = evaluate_run(model, args, args.eval_trials)
             reports.final_report(state["results"], state["untrained"], state["history"], args)
             return state["results"]
 
@@ -532,35 +479,15 @@ def run_epoch(net, model, optimizer, run, epoch, state, args, world):
     if record is None:
         log.info(f"epoch {epoch}: DBSCAN found no cluster (eps {args.eps}); this epoch trains nothing and the model "
                  f"is unchanged. If this persists, raise --eps or check the features.")
-        record = {"stage": stage_of(epoch, args), "skipped": "no clusters"}
+        record = {"stage": 1 if epoch < args.stage_one_epochs else 2, "skipped": "no clusters"}
     last = epoch == args.epochs - 1
     if world.main and (last or (epoch + 1) % args.eval_every == 0):
-        results = run_evaluation(model, args, args.eval_trials if last else 1)
-        record["eval"] = {name: round(r["mean"]["mAP"], 2) for name, r in results.items()}
+        results = evaluate_run(model, args, args.eval_trials if last else 1)
+        record["eval"] = {name: {m: round(r["mean"][m], 2) for m in ("R1", "mAP")} for name, r in results.items()}
         state["results"] = results if last else None
     record.update(epoch=epoch, lr=learning_rate(epoch, args), time=round(time.time() - t0, 1))
     log.info(reports.epoch_line(record))
     return record
-
-
-def preset(method, dataset):
-    """The flags the papers (or the demo) set for this method and dataset, over DEFAULTS."""
-    return {**DEFAULTS, **PRESETS[dataset], **(MBMIL_PRESETS[dataset] if method == "mbmil" else {})}
-
-
-def resolve_args(args):
-    """Every flag left unset from the presets, every flag checked, the run folder named."""
-    return checks.resolve_args(args, get_args_parser(), preset)
-
-
-def preset_args(args):
-    """The result flags the presets give for this method, dataset and trial."""
-    return checks.preset_args(args, get_args_parser(), preset)
-
-
-def resolve_split(args):
-    """One RegDB split of --trial all: its resolved flags and its presets' result flags."""
-    return resolve_args(args), preset_args(args)
 
 
 def cli(argv=None):

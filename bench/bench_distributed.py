@@ -5,12 +5,14 @@
 
 Communication per training iteration and rank, counted from the model and the preset (what distributed.py and
 DistributedDataParallel send; every figure is the size of the tensors a rank receives):
-- memory banks: `gather_rows` of every bank update's features [B, D] float32 and labels [B] int64 (MULT stage
-  one: 3 updates; stage two: 13 of the 6 banks; MBMIL: 3 intra + 3 global);
-- BatchNorm: `GlobalBatchNorm` gathers (1 + 2C) float32 per layer and rank in the forward, and the same in the
-  backward, for each of the 2 forwards (the visible and the infrared stems count once each);
+- memory banks: `gather_rows` of every bank update's features [B, D] float32 (MULT stage one: 3 updates; stage
+  two: 13 of the 6 banks; MBMIL: 3 intra + 3 global); the labels are not sent: every rank knows the global
+  batch's on the host;
+- BatchNorm: the global BN gathers (1 + 2C) float32 per layer and rank in the forward and all-reduces 2C in the
+  backward (~2 (W-1)/W times its size on a ring), for each of the 2 forwards (the visible and the infrared stems
+  count once each);
 - gradients: DDP's all-reduce of every trainable parameter (float32), ~2 (W-1)/W times its size on a ring;
-- losses for the log: one float64 per loss term.
+- losses for the log: one float64 per loss term, all-reduced once every plumbing.logs.READ_EVERY (50) iterations.
 The timing runs the demo preset's data for a short schedule (one epoch per stage at --iters) once as one process
 and once under `torchrun --nproc_per_node 2`, and reads each epoch's time from metrics.jsonl.
 """
@@ -37,11 +39,13 @@ def volumes(arch, batch, world):
     bn = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     bn_floats = sum(1 + 2 * m.num_features for m in bn)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    gathered = lambda updates: updates * world * (batch // world) * (4 * d + 8)          # noqa: E731
-    common = {"BatchNorm statistics (forward + backward)": 2 * world * bn_floats * 4,
+    gathered = lambda updates: updates * world * (batch // world) * 4 * d                # noqa: E731
+    ring = 2 * (world - 1) / world
+    bn_backward = sum(2 * m.num_features for m in bn)
+    common = {"BatchNorm statistics (forward + backward)": world * bn_floats * 4 + ring * bn_backward * 4,
               "gradient all-reduce (ring, about)": 2 * (world - 1) / world * params * 4}
-    return {"stage one": dict(common, **{"memory updates": gathered(3), "loss for the log": world * 8}),
-            "stage two": dict(common, **{"memory updates": gathered(13), "loss for the log": world * 8 * 4})}
+    return {"stage one": dict(common, **{"memory updates": gathered(3), "loss for the log": world * 8 / 50}),
+            "stage two": dict(common, **{"memory updates": gathered(13), "loss for the log": world * 8 * 4 / 50})}
 
 
 def time_runs(args):

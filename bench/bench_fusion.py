@@ -1,14 +1,14 @@
 """Would a compiled, fused kernel make the CPU input pipeline much faster? Two of its costliest steps, eager
 against torch.compile, bit for bit on the same images.
 
-data/batched.py runs every augmentation as eager PyTorch operations: one pass over the batch per operation
+data/fast/batched.py runs every augmentation as eager PyTorch operations: one pass over the batch per operation
 (ToTensor's division and Normalize in cache-sized blocks). A compiler that fuses all of a step's operations
 into one loop per element would remove those passes. This script measures what that would give, with
 PyTorch's own compiler (torch.compile, inductor: it writes C++ and needs a C++ compiler at run time), on the
 SYSU preset's images (288x144, from bench/bench_input.py's source JPEGs and the decode-once cache), one core:
-- tail: ToTensor's / 255, Normalize and random erasing of stage two's v0 view (144 images, data.batched's
+- tail: ToTensor's / 255, Normalize and random erasing of stage two's v0 view (144 images, data.fast.batched's
   normalize_ and erase_), against one compiled expression of the same operations;
-- hue: ColorJitter's hue on the colour images of stage one's v1 view (data.batched._hue: PIL's 8-bit HSV
+- hue: ColorJitter's hue on the colour images of stage one's v1 view (data.fast.batched._hue: PIL's 8-bit HSV
   through two 64 MB tables made by PIL), against PIL's own float arithmetic for both conversions written as
   tensor operations (`pil_hue` below) and compiled. The two agree on every pixel of the batch; --exhaustive
   also checks all 2^24 RGB triples at a few hue shifts (about a minute);
@@ -54,7 +54,7 @@ def fused_tail(crop, mean, std, fill, rect):
 def pil_hue(x, shift):
     """PIL's RGB -> HSV, the hue byte + shift (wrapping), HSV -> RGB, in PIL's own float32 / double steps.
 
-    x: float32 [m, 3, H, W] holding 8-bit values; shift: int32 [m, 1, 1], data.batched.hue_shift of the factor.
+    x: float32 [m, 3, H, W] holding 8-bit values; shift: int32 [m, 1, 1], data.fast.batched.hue_shift of the factor.
     To HSV: V = max; S = int(255 (max - min) / max); H = int(255 fmod(h / 6 + 1, 1)), h from the channels'
     distances to the maximum divided by max - min (float32), plus 2 or 4 (double) when green or blue is the
     maximum; a grey has H = S = 0. Back: sector i = floor(6 H / 255), f = 6 H / 255 - i (float32), and p, q, t =
@@ -146,8 +146,8 @@ def main():
 
     rows = [("floor (one write)", len(crop), best_ms(lambda: torch.empty(crop.shape).copy_(crop), args.repeats),
              "")]
-    rows.append(("tail, eager (data.batched)", len(crop), best_ms(eager_tail, args.repeats), ""))
-    rows.append(("hue, eager tables (data.batched)", len(rgb), best_ms(eager_hue, args.repeats), ""))
+    rows.append(("tail, eager (data.fast.batched)", len(crop), best_ms(eager_tail, args.repeats), ""))
+    rows.append(("hue, eager tables (data.fast.batched)", len(rgb), best_ms(eager_hue, args.repeats), ""))
     rows.append(("hue, eager PIL arithmetic", len(rgb), best_ms(lambda: pil_hue(rgb, shift), args.repeats), ""))
     try:
         for dynamic in (True, False):
@@ -166,7 +166,7 @@ def main():
         rows.append(("torch.compile", 0, float("nan"), f"unavailable: {type(err).__name__}: {err}"[:200]))
 
     print(f"\nSYSU preset 288x144, one core (CPU time, best of {args.repeats}; {bench_input.huge_pages()}); "
-          "equal: bit for bit against data.batched on these images")
+          "equal: bit for bit against data.fast.batched on these images")
     print("| step | images | ms | images/s per core | note |\n|---|---|---|---|---|")
     for name, n, ms, note in rows:
         print(f"| {name} | {n} | {ms:.1f} | {n / ms * 1e3 if n else float('nan'):.0f} | {note} |")

@@ -10,14 +10,14 @@ them), draws index batches like the samplers (distinct rows per batch), and repo
 stage, in the same run:
 - pil: data.loader.TrainBatches, the per-image PIL pipeline (decode, resize, augment each image), the
   total of one whole batch item and, separately, the decode and each view's pipeline;
-- cached (after the decode-once cache is built): data.loader.CachedTrainBatches, every view a batched
+- cached (after the decode-once cache is built): data.fast.loader.CachedTrainBatches, every view a batched
   tensor operation, the total of one batch on --device and each view's part;
 - the backbone (model.TwoStreamNet, pretrained='none', train mode): forward of cat(v0, v1) and r, the
   contrastive-free loss sum(f^2), backward; images/s at the preset's batch (on the CPU at most
   8 pairs for SYSU, since 432 images of ResNet-50 at 288x144 need about 40 GB of activations);
 - extract (`--stages extract`): the input of the clustering's feature extraction, every visible image in batches
   of 128 through the test transform: decoded (pil: data.loader.ImageDataset) or read from the cache (cached:
-  data.loader.CachedImageDataset); images/s, without the model;
+  data.fast.loader.CachedImageDataset); images/s, without the model;
 - the floor: a fresh float32 batch written once from uint8 images of the training size (torch.empty + copy_,
   one conversion pass), the least any pipeline that hands the model a new float32 batch must do.
 All CPU figures are per core: images per second of this process's CPU time (--threads torch threads, 1 by
@@ -78,7 +78,7 @@ def get_args_parser():
                    help="augmentation stages (the demo preset's 'light' augmentation is stage two's); extract: "
                         "the feature extraction's input (every training image, each epoch)")
     p.add_argument("--input", nargs="+", choices=("pil", "cached"), default=["pil", "cached"],
-                   help="pil: data.loader.TrainBatches; cached: data.loader.CachedTrainBatches")
+                   help="pil: data.loader.TrainBatches; cached: data.fast.loader.CachedTrainBatches")
     p.add_argument("--method", choices=("mult", "mbmil"), default="mult", help="whose pipelines (mult)")
     p.add_argument("--device", type=str, default="cpu", help="device of the cached pipeline and the backbone")
     p.add_argument("--threads", type=int, default=1,
@@ -224,7 +224,7 @@ def time_cached(caches, tfm, batches, seed, device):
 def time_extract(vis, cache, height, width, interpolation, batch=128):
     """Images per second per core of the feature extraction's input, in batches of `batch`: decoding each
     visible image (data.loader.ImageDataset, cache None) or reading it from the decode-once cache
-    (data.loader.CachedImageDataset); the test transform's ToTensor and Normalize either way."""
+    (data.fast.loader.CachedImageDataset); the test transform's ToTensor and Normalize either way."""
     from torch.utils.data import DataLoader
     from data.fast.loader import CachedImageDataset
     from data.loader import ImageDataset

@@ -1,31 +1,44 @@
-"""GPU check: the pseudo-label stages on the device against the CPU, training throughput, one pipeline epoch.
+"""GPU check, the one command for a borrowed GPU: the project's code on the device against the CPU, and its speed.
 
-Three sections, one markdown table each, all on generated inputs (no dataset, no weight file):
-  compare     jaccard_similarity (standard per modality; modality-aware on both), dbscan and label_transfer on
-              the device against the CPU, on the same SYSU-MM01-size features (N_v 22,258, N_r 11,909, D 2048,
+Seven sections in this order (the most telling first: a short loan may end early), one markdown table each,
+printed, and written to --json as each ends (the whole file again, atomically: a cut-off run keeps what it did);
+all on generated or rendered inputs (no dataset, no weight file), within 8 minutes on one H100 / H200:
+  compare     (a) jaccard_similarity (standard per modality; modality-aware on both), dbscan and label_transfer
+              on the device against the CPU, on the same SYSU-MM01-size features (N_v 22,258, N_r 11,909, D 2048,
               395 identities): identical labels and sparsity patterns, max |difference| of the values, times.
+  train       (b) train.py itself, a few iterations per stage of a tiny rendered set, MULT and MBMIL, --input
+              cached and pil, fp32 / bf16 / fp16, each against the same run on the CPU: epoch 0's clusters, every
+              iteration's loss, the evaluation's mAP (bench/gpu_runs.py, with the tolerances).
+  augment     (c) the cached input's batched augmentation on the device against the CPU, bit for bit.
   throughput  training steps of the SYSU preset (TwoStreamNet ResNet-50, 288x144, 12 clusters x 12 instances:
               2 x 144 visible + 144 infrared = 432 images per iteration; Adam; the stage-one memory loss of
-              docs/mult.md §7.2), fp32 and bf16 autocast: images/s and peak device memory.
+              docs/mult.md §7.2) on fixed images, fp32 and bf16 autocast: images/s and peak device memory.
+  input       (d) the same training with the real input pipeline (decode-once cache, plans in DataLoader workers,
+              augmentation on the device) against synthetic input: images/s, peak memory, the ratio (the
+              target: at most 5% below synthetic input; 2,500 images/s in bf16 on one H100 / H200).
+  distributed (e) two ranks of train.py sharing the device against one process (NCCL may refuse two ranks on one
+              GPU: then a skip with its reason).
   epoch       one MULT stage-two epoch on a generated SYSU-size set, phase by phase (docs/mult.md §3): feature
-              extraction, Jaccard + DBSCAN per modality, label transfer, six memories, 200 training iterations.
+              extraction, Jaccard + DBSCAN per modality, label transfer, six memories, 200 training iterations
+              (the target: the pseudo-label step, clustering + label transfer, under 5 s).
+One summary line at the end: what passed, what did not.
 
-    python bench/gpu_check.py                               # GPU machine: full sizes, a few minutes on an H200
+    python bench/gpu_check.py --json gpu_check.json         # GPU machine: full sizes, every number kept
     python bench/gpu_check.py --skip-cpu-reference          # compare: device side only (the CPU side is the slow part)
-    python bench/gpu_check.py --sizes 11909 6000 --sections compare
+    python bench/gpu_check.py --sizes 11909 6000 --sections compare train
     python bench/gpu_check.py --device cpu                  # small sizes, what CI runs (tests/test_gpu_check.py)
-    python bench/gpu_check.py --json gpu_check.json         # also write every number as JSON
 
-On --device cpu the "device" side of `compare` is a second CPU run of the same call: a check of determinism
-and of the comparison itself, not a CUDA measurement. dbscan is scipy on the host on every device, so its row
-compares the labels that each device's Jaccard similarity leads to. label_transfer gets the CPU's DBSCAN labels
-and similarities on both sides, so its row compares label_transfer alone.
+On --device cpu the "device" side of every comparison is a second CPU run of the same code: a check of
+determinism and of the comparison itself, not a CUDA measurement. dbscan is scipy on the host on every device, so
+its row compares the labels that each device's Jaccard similarity leads to. label_transfer gets the CPU's DBSCAN
+labels and similarities on both sides, so its row compares label_transfer alone.
 """
 import argparse
 import contextlib
 import json
 import os
 import sys
+import tempfile
 import time
 
 
@@ -40,20 +53,25 @@ import mult  # noqa: E402
 from data import samplers  # noqa: E402
 from model import TwoStreamNet  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gpu_runs  # noqa: E402
+
 # Sizes per device type, applied before the command line (the command line wins). "cuda": SYSU-MM01's training
 # set and train.py's SYSU preset; "cpu": small enough for CI, well under a minute on 2 cores.
 PRESETS = {
     "cuda": dict(sizes=[22258, 11909], dim=2048, ids=395, arch="resnet50", height=288, width=144, clusters=12,
                  instances=12, precisions=["fp32", "bf16"], warmup=5, iters=20, epoch_iters=200, extract=True,
-                 extract_batch=256),
+                 extract_batch=256, train_precisions=["fp32", "bf16", "fp16"], augment_batches=2,
+                 input_images=600, input_workers=min(8, os.cpu_count() or 1), input_precision="bf16"),
     # bf16 is left out on the CPU: without native bf16 kernels one ResNet-18 backward takes ~20 s on this
     # project's CPU (--precisions fp32 bf16 still runs it)
     "cpu": dict(sizes=[2000, 1000], dim=512, ids=36, arch="resnet18", height=64, width=32, clusters=4,
                 instances=2, precisions=["fp32"], warmup=1, iters=2, epoch_iters=2, extract=False,
-                extract_batch=64),
+                extract_batch=64, train_precisions=["fp32"], augment_batches=1, input_images=16, input_workers=1,
+                input_precision="off"),
 }
 STAGE_TWO_EPOCH = 40   # the SYSU preset's first stage-two epoch; even: AMIRL's visible label space (§7.4)
-SECTIONS = ("compare", "throughput", "epoch")
+SECTIONS = ("compare", "train", "augment", "throughput", "input", "distributed", "epoch")
 AMP = {"fp32": None, "bf16": torch.bfloat16}
 
 
@@ -93,8 +111,20 @@ def get_args_parser():
     a("--extract-batch", type=int, default=None, help="epoch: extraction batch size (cuda: 256; cpu: 64)")
     a("--lr", type=float, default=3.5e-4, help="Adam learning rate (3.5e-4, as train.py)")
     a("--seed", type=int, default=0, help="seeds the generated features, images and the model")
+    a("--train-methods", type=str, nargs="+", choices=("mult", "mbmil"), default=["mult", "mbmil"],
+      help="train: methods (mult mbmil)")
+    a("--train-inputs", type=str, nargs="+", choices=("cached", "pil"), default=["cached", "pil"],
+      help="train: --input of the runs (cached pil)")
+    a("--train-precisions", type=str, nargs="+", choices=tuple(gpu_runs.TOLERANCES), default=None,
+      help="train: precisions on the device, each against the CPU's fp32 (cuda: fp32 bf16 fp16; cpu: fp32)")
+    a("--augment-batches", type=int, default=None, help="augment: batches per pipeline (cuda: 2; cpu: 1)")
+    a("--input-images", type=int, default=None, help="input: generated JPEGs per modality (cuda: 600; cpu: 16)")
+    a("--input-workers", type=int, default=None, help="input: DataLoader workers (cuda: min(8, cores); cpu: 1)")
+    a("--input-precision", choices=("off", "bf16", "fp16"), default=None,
+      help="input: --amp of the timed training (cuda: bf16; cpu: off)")
+    a("--distributed-timeout", type=int, default=240, help="distributed: seconds the two ranks may take (240)")
     a("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    a("--json", type=str, default=None, help="also write the results to this JSON file")
+    a("--json", type=str, default=None, help="also write the results to this JSON file, after every section")
     return p
 
 
@@ -107,22 +137,55 @@ def main(args):
     torch.manual_seed(args.seed)
     print(describe_setup(args, device), flush=True)
     results = {"setup": {"args": vars(args), "device_name": device_name(device), "torch": torch.__version__}}
-    if "compare" in args.sections:
-        results["compare"] = compare_stages(args, device)
-        print(format_table("compare", results["compare"]), flush=True)
-    if "throughput" in args.sections:
-        results["throughput"] = training_throughput(args, device)
-        print(format_table("throughput", results["throughput"]), flush=True)
-    if "epoch" in args.sections:
-        results["epoch"] = one_epoch(args, device)
-        print(format_table("epoch", results["epoch"]), flush=True)
+    save(results, args.json)
+    runs = {"compare": compare_stages, "throughput": training_throughput, "epoch": one_epoch}
+    with tempfile.TemporaryDirectory() as work:        # the rendered sets and runs of the project's own code
+        for section in SECTIONS:
+            if section not in args.sections:
+                continue
+            t = time.perf_counter()
+            try:
+                if section in runs:
+                    results[section] = runs[section](args, device)
+                else:
+                    run = getattr(gpu_runs, {"train": "train_runs", "augment": "augment_check", "input":
+                                             "input_throughput", "distributed": "distributed_check"}[section])
+                    results[section] = run(args, device, note, work)
+            except Exception as err:                   # a section that breaks is reported, the next one runs
+                results[section] = [{"ok": False, "detail": f"{type(err).__name__}: {err}"}]
+            results["setup"].setdefault("section_s", {})[section] = time.perf_counter() - t
+            print(format_table(section, results[section]), flush=True)
+            save(results, args.json)
     results["setup"]["wall_s"] = time.perf_counter() - start
-    print(f"\ngpu_check: {', '.join(args.sections)} in {results['setup']['wall_s']:.0f} s on {device}")
+    results["summary"] = summary(results, args.sections)
+    save(results, args.json)
+    print(f"\ngpu_check: {results['summary']}; {', '.join(args.sections)} in {results['setup']['wall_s']:.0f} s "
+          f"on {device}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
         print(f"written to {args.json}")
     return results
+
+
+def save(results, path):
+    """The results so far to `path` (None: nowhere), replacing it atomically."""
+    if path:
+        with open(path + ".tmp", "w") as f:
+            json.dump(results, f, indent=2, default=str)
+        os.replace(path + ".tmp", path)
+
+
+def summary(results, sections):
+    """One line: PASS or FAIL, then each section's judged rows that passed, what failed, what was skipped."""
+    parts, failed = [], []
+    for section in sections:
+        rows = results.get(section) or []
+        judged = [r for r in rows if r.get("ok") is not None]
+        passed = sum(bool(r["ok"]) for r in judged)
+        skipped = len(rows) - len(judged)
+        parts.append(f"{section} {passed}/{len(judged)}" + (f" ({skipped} not judged)" if skipped else ""))
+        failed += [f"{section}: {r.get('detail', '')[:80]}" for r in judged if not r["ok"]]
+    return ("PASS" if not failed else "FAIL") + " (" + ", ".join(parts) + ")" + \
+        ("" if not failed else "; failed: " + " | ".join(failed))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -484,7 +547,9 @@ def describe_setup(args, device):
 def format_table(section, rows):
     """A markdown table of one section's rows."""
     dev = "device"
-    if section == "compare":
+    if rows and set(rows[0]) == {"ok", "detail"}:                  # the section itself broke
+        head, body, tail = ["ok", "detail"], [[yes_no(r["ok"]), r["detail"]] for r in rows], f"{section}: broke"
+    elif section == "compare":
         head = ["step", "input", "compared", "identical", "max abs diff", "within tolerance", "CPU s", f"{dev} s",
                 "speed-up", "peak GB", "detail"]
         body = [[r["step"], r["input"], r["compared"], yes_no(r["identical"]), num(r["max_abs_diff"], ".1e"),
@@ -501,6 +566,32 @@ def format_table(section, rows):
                  num(r["s_per_iter"], ".3f"), num(r["images_per_s"], ",.0f"), num(r["peak_gb"], ".2f"),
                  r["detail"]] for r in rows]
         tail = "throughput: peak GB = torch.cuda.max_memory_allocated over warm-up and timed iterations"
+    elif section == "train":
+        head = ["method", "input", "precision", "labels equal", "max loss rel diff", "max mAP diff", "CPU s",
+                f"{dev} s", "ok", "detail"]
+        body = [[r["method"], r["input"], r["precision"], num(r["labels_agree"], ".1%"),
+                 num(r["max_loss_rel_diff"], ".1e"), num(r["max_map_diff"], ".2f"), num(r["cpu_s"], ".1f"),
+                 num(r["device_s"], ".1f"), yes_no(r["ok"]), r["detail"]] for r in rows]
+        tail = "train: train.py on the device against the same run on the CPU in float32 (bench/gpu_runs.py)"
+    elif section == "augment":
+        head = ["pipeline", "batches", "pairs", "values differing", "max abs diff", f"{dev} images / s", "ok",
+                "detail"]
+        body = [[r["pipeline"], str(r["batches"]), str(r["pairs"]), str(r["values_differing"]),
+                 num(r["max_abs_diff"], ".1e"), num(r["images_per_s"], ",.0f"), yes_no(r["ok"]), r["detail"]]
+                for r in rows]
+        tail = "augment: the cached augmentation on the device against the CPU, bit for bit"
+    elif section == "input":
+        head = ["input", "precision", "images / iter", "s / iter", "images / s", "vs synthetic", "peak GB", "ok",
+                "detail"]
+        body = [[r["input"], r["precision"], str(r["images_per_iter"]), num(r["s_per_iter"], ".3f"),
+                 num(r["images_per_s"], ",.0f"), num(r["vs_synthetic"], ".2f"), num(r["peak_gb"], ".2f"),
+                 yes_no(r["ok"]), r["detail"]] for r in rows]
+        tail = "input: ok = the real pipeline at most 5% below synthetic input (judged on a GPU only)"
+    elif section == "distributed":
+        head = ["world", "device", "seconds", "max loss rel diff", "ok", "detail"]
+        body = [[str(r["world"]), r["device"], num(r["seconds"], ".1f"), num(r["max_loss_rel_diff"], ".1e"),
+                 yes_no(r["ok"]), r["detail"]] for r in rows]
+        tail = "distributed: two ranks of train.py on this device against one process"
     else:
         head = ["phase", "seconds", "peak GB", "detail"]
         body = [[r["phase"], num(r["seconds"], ".2f"), num(r["peak_gb"], ".2f"), r["detail"]] for r in rows]
@@ -540,6 +631,9 @@ def resolve_args(args):
         raise SystemExit(f"gpu_check: --ids ({args.ids}) must be >= --clusters ({args.clusters})")
     if min(args.warmup, args.iters - 1, args.epoch_iters - 1, args.extract_batch - 1) < 0:
         raise SystemExit("gpu_check: --warmup >= 0, --iters, --epoch-iters and --extract-batch >= 1")
+    if args.augment_batches < 1 or args.input_images < args.clusters * args.instances or args.input_workers < 0:
+        raise SystemExit(f"gpu_check: --augment-batches >= 1, --input-images >= --clusters x --instances "
+                         f"({args.clusters * args.instances}), --input-workers >= 0")
     return args
 
 

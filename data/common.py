@@ -4,7 +4,10 @@ Every reader returns `ImageList`s: one per modality (training) or one per query 
 (testing). Rows are in lexicographic order of the image path for training sets, which fixes the
 row order that clustering labels depend on (docs/mult.md §0).
 """
+import hashlib
 import os
+import stat
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,20 +59,29 @@ def is_image_file(name):
 
 def list_images(folder, skipped):
     """Sorted full paths of the image files in `folder` ([] if it does not exist); the full paths
-    of other files (hidden, not an image) are appended to `skipped`."""
+    of other entries (hidden, not an image, a sub-folder) are appended to `skipped`, a sub-folder
+    with a trailing "/" so that one named like an image (0001.jpg/) is told apart from a file."""
     if not os.path.isdir(folder):
         return []
     with os.scandir(folder) as it:
-        names = sorted(e.name for e in it if e.is_file())
-    skipped += [os.path.join(folder, n) for n in names if not is_image_file(n)]
-    return [os.path.join(folder, n) for n in names if is_image_file(n)]
+        entries = sorted((e.name, e.is_file()) for e in it)
+    skipped += [os.path.join(folder, n) + ("" if is_file else "/") for n, is_file in entries
+                if not (is_file and is_image_file(n)) and (is_file or not n.startswith("."))]
+    return [os.path.join(folder, n) for n, is_file in entries if is_file and is_image_file(n)]
 
 
 def describe_skipped(skipped, root):
-    """One sentence about the files a reader left out, naming the first few."""
-    names = ", ".join(os.path.relpath(p, root) for p in skipped[:5])
-    return (f"skipped {len(skipped)} hidden or non-image file{'s' * (len(skipped) > 1)} under "
-            f"{root}: {names}{', ...' if len(skipped) > 5 else ''}")
+    """One sentence about the entries a reader left out, naming the first few; a folder named like an
+    image (0001.jpg/) is called out, since an image was most likely meant to be there."""
+    files = [p for p in skipped if not p.endswith("/")]
+    folders = [p for p in skipped if p.endswith("/")]
+    names = ", ".join(os.path.relpath(p, root) + "/" * p.endswith("/") for p in skipped[:5])
+    parts = [f"{len(files)} hidden or non-image file{'s' * (len(files) > 1)}"] * bool(files)
+    parts += [f"{len(folders)} folder{'s' * (len(folders) > 1)}"] * bool(folders)
+    odd = [p for p in folders if is_image_file(os.path.basename(p[:-1]))]
+    note = (f" ({len(odd)} named like an image, e.g. {os.path.relpath(odd[0][:-1], root)}/: expected an "
+            f"image file there, found a folder)") if odd else ""
+    return (f"skipped {' and '.join(parts)} under {root}: {names}{', ...' if len(skipped) > 5 else ''}{note}")
 
 
 def read_id_file(path, what="split file"):
@@ -101,6 +113,48 @@ def unusable(errors, count, what):
     (errors: read_image's messages)."""
     return ValueError(f"{len(errors)} of {count} {what} cannot be used: " + "; ".join(errors[:3]) +
                       ("; ..." if len(errors) > 3 else ""))
+
+
+def file_keys(paths, known=None, threads=4):
+    """What each file is, strongly enough to notice a replaced image: per path [size, mtime_ns, ctime_ns, inode,
+    digest], digest the first 16 hex digits of the SHA-1 of the file's bytes.
+
+    The content digest is what is compared; the four stat fields only decide whether a file must be read again.
+    A file whose [size, mtime_ns, ctime_ns, inode] equal `known[path][:4]` (an earlier call's row) keeps that
+    row's digest without being read: an image replaced with the same size and its modification time restored
+    still gets a new ctime (os.utime sets it to now) or a new inode, and so is read and hashed again. Every other
+    file is read and hashed, `threads` at a time (hashlib and file reads release the GIL). What this does not
+    catch: a change that keeps all four fields (a raw write to the disk device, or a file system that does not
+    keep ctime), unless `known` is None. FileNotFoundError / IsADirectoryError naming a missing or folder path.
+    """
+    known = known or {}
+    keys = [_stat_key(p) for p in paths]
+    stale = [i for i, (p, k) in enumerate(zip(paths, keys)) if list(known.get(p, ())[:4]) != k]
+    # Chunks of files per task: a task per file costs more in the pool than hashing a 10 kB file; threads still hide
+    # the latency of a cold disk or a network file system.
+    chunks = [stale[k:k + 256] for k in range(0, len(stale), 256)]
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        hashed = [d for chunk in pool.map(lambda rows: [_digest(paths[i]) for i in rows], chunks) for d in chunk]
+    digests = dict(zip(stale, hashed))
+    return [k + [digests[i] if i in digests else known[p][4]] for i, (p, k) in enumerate(zip(paths, keys))]
+
+
+def _stat_key(path):
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {path} (the dataset changed on disk: restore the file "
+                                f"or rebuild the image list)") from None
+    if not stat.S_ISREG(st.st_mode):
+        what = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise (IsADirectoryError if stat.S_ISDIR(st.st_mode) else OSError)(
+            f"{path} is {what}; expected an image file there")
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _digest(path):
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()[:16]
 
 
 def read_image(path):

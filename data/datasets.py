@@ -2,6 +2,7 @@
 
     vis, ir = training_set("sysu", "datasets/SYSU-MM01")                # ImageLists, rows sorted by path
     tests = test_sets("regdb", "datasets/RegDB", trial=3)               # {setting: (query, gallery)}
+    images = test_images("sysu", "datasets/SYSU-MM01")                 # every test image an evaluation reads
 
 "synthetic" is the demo's SYSU-MM01-layout set (demo/synthetic.py), rendered on first use; a folder holding a set
 rendered by demo/synthetic.py (its synthetic.json) is checked against the counts it recorded, a real dataset
@@ -12,7 +13,6 @@ import os
 
 ROOTS = {"sysu": "datasets/SYSU-MM01", "regdb": "datasets/RegDB", "llcm": "datasets/LLCM",
          "synthetic": "datasets/synthetic"}   # the default --data-root of train.py and evaluate.py
-SYNTHETIC_META = "synthetic.json"             # written by demo/synthetic.py into the folder it renders
 
 
 def training_set(dataset, root, trial=None, allow_count_mismatch=False):
@@ -48,9 +48,25 @@ def test_sets(dataset, root, trial=None, trials=10):
             for t in range(trials)}
 
 
+def test_images(dataset, root, trial=None):
+    """Every test image an evaluation can read, as evaluate.py's protocols extract them -> [ImageList]: SYSU-MM01
+    (and the synthetic set) the queries and every all-search gallery candidate (not only those a trial draws;
+    indoor's are among them), RegDB the split's test visible and thermal images, LLCM every visible and every
+    infrared test image."""
+    if dataset == "regdb":
+        from .regdb import regdb_test
+        return list(regdb_test(root, trial, direction="v2t"))
+    if dataset == "llcm":
+        from .llcm import llcm_gallery_candidates
+        return [llcm_gallery_candidates(root, d) for d in ("i2v", "v2i")]
+    from .sysu import sysu_gallery_candidates, sysu_test
+    return [sysu_test(root, mode="all", trial=0)[0], sysu_gallery_candidates(root, "all")]
+
+
 def _synthetic_meta(root, dataset, layout):
-    """The synthetic.json of a rendered set in `root`, or None; never another layout's set."""
-    path = os.path.join(root, SYNTHETIC_META)
+    """The synthetic.json of a set demo/synthetic.py rendered in `root`, or None; never another layout's set."""
+    from demo.synthetic import META
+    path = os.path.join(root, META)
     if not os.path.isfile(path):
         return None
     with open(path) as f:

@@ -65,6 +65,11 @@ def _read_index(root, name, check_files=True):
     if not paths:
         raise ValueError(f"RegDB index file {path} lists no image")
     missing = [p for p in paths if check_files and not os.path.isfile(p)]
+    missing_set = set(missing)
+    folders = [(p, n) for p, n in zip(paths, line_of.values()) if p in missing_set and os.path.isdir(p)]
+    if folders:
+        raise IsADirectoryError(f"{path}:{folders[0][1]}: {folders[0][0]} is a folder; expected an image file "
+                                f"(folders: {len(folders)} of the {len(paths)} listed paths)")
     if missing:
         raise FileNotFoundError(f"RegDB image not found: {missing[0]} (listed in {path}; "
                                 f"{len(missing)} of {len(paths)} listed images are missing)")

@@ -29,6 +29,10 @@ _INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": Interpolat
                    "lanczos": InterpolationMode.LANCZOS}
 
 
+# The resize of training, extraction and testing by method: bilinear as MULT's code, bicubic as MBMIL's.
+RESIZE = {"mult": "bilinear", "mbmil": "bicubic"}
+
+
 class Compose:
     """Apply steps in order, passing the same generator to each: `Compose(steps)(img, rng)`."""
 

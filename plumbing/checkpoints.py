@@ -1,17 +1,20 @@
 """Checkpoints (one format for both methods, complete and atomic) and the backbone's initial weights.
 
 A checkpoint is a dict saved by torch.save: the model, the optimizer and its loss scaler, the next epoch, the
-resolved flags ("args"), the history of epoch records, the RNG state, the bytes of log.txt, and at the end of
-a run its results. `save_checkpoint` writes a temporary file and renames it, so a crash leaves the previous one.
+resolved flags ("args"), the history of epoch records, the RNG state, the bytes of log.txt, the training set's
+fingerprint (checks.training_fingerprint, which a resume compares), and at the end of a run its results.
+`save_checkpoint` writes a temporary file and renames it, so a crash leaves the previous one.
 """
 import os
 import shutil
 import socket
 import urllib.parse
+import warnings
 
 import torch
+import torchvision
 
-from model import TwoStreamNet
+from model import ARCHS, TwoStreamNet, load_backbone_weights
 
 CHECKPOINT_FORMAT = "vireid-checkpoint-v2"
 # torchvision's ImageNet V1 weights (not DEFAULT, which is V2 for ResNet-50). The MULT code used the
@@ -46,6 +49,9 @@ def load_checkpoint(path, method=None, dataset=None, trial=None, resume=False):
     """Read a checkpoint and check it is ours and matches the method / dataset / trial asked for. Evaluation
     reads the model of any release's checkpoint (the network is unchanged since the first); a run continues
     (`resume`) only from this release's, whose every entry it knows."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"checkpoint {path} is a folder; expected a checkpoint file written by train.py, "
+                                f"e.g. {os.path.join(path, 'last.pth')}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -63,7 +69,37 @@ def load_checkpoint(path, method=None, dataset=None, trial=None, resume=False):
         if want is not None and have != want:
             raise ValueError(f"checkpoint {path} was trained with --{name} {have}, but --{name} {want} was "
                              f"asked for; use a checkpoint of the same {name} (or another --out folder)")
+    check_model_fits(ckpt.get("model"), args.get("arch"), f"checkpoint {path}")
     return ckpt
+
+
+def check_model_fits(state, arch, what):
+    """ValueError in one line when the state dict `state` is not that of a TwoStreamNet(arch): a file whose model
+    another --arch wrote (a resnet18 run holding resnet50 weights), or a truncated one. Compared against a model
+    built on the meta device: shapes only, no memory, a tenth of a second."""
+    if arch not in ARCHS:
+        raise ValueError(f"{what}: its --arch is {arch!r}; expected one of {ARCHS}")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{what}: its 'model' entry is not a state dict of tensors; expected a file written by "
+                         f"train.py")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in TwoStreamNet(arch).state_dict().items()}
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    if not (wrong or missing or extra):
+        return
+    parts = []
+    if wrong:
+        parts.append(f"{len(wrong)} of other shapes (e.g. {wrong[0]}: {list(state[wrong[0]].shape)} in the file, "
+                     f"{list(expected[wrong[0]])} in a {arch})")
+    parts += [f"{len(names)} {what} (e.g. {names[0]})" for names, what in ((missing, "missing"), (extra, "unknown"))
+              if names]
+    dim = state["bnneck.weight"].shape[0] if isinstance(state.get("bnneck.weight"), torch.Tensor) else None
+    holds = {2048: "resnet50", 512: "resnet18"}.get(dim)
+    raise ValueError(f"{what} says --arch {arch}, but its model tensors do not fit a {arch}: {', '.join(parts)}"
+                     + (f"; they are {holds} weights (a {dim}-dim BN-neck)" if holds and holds != arch else "")
+                     + "; expected the model train.py wrote with that --arch")
 
 
 def model_from_checkpoint(path, device="cpu", method=None):
@@ -83,7 +119,7 @@ def restore(model, optimizer, run, args, world):
     """The run's state: fresh, or its checkpoint's model, optimizer, RNG, next epoch and history (rank 0 read the
     checkpoint while preparing the run; the other ranks read it now). -> {"start", "history", "untrained",
     "results"}; "results" only for a finished run."""
-    state = {"start": 0, "history": [], "untrained": None, "results": None}
+    state = {"start": 0, "history": [], "untrained": None, "results": None, "training_set": run.get("training_set")}
     plan = run["plan"]
     ckpt = run.pop("ckpt", None) if world.main else load_checkpoint(plan["path"]) if plan["mode"] != "fresh" else None
     if ckpt is None:
@@ -105,7 +141,8 @@ def save_epoch(model, optimizer, args, state, run_log):
     epoch = state["history"][-1]["epoch"]
     ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": optimizer.scaler.state_dict(),
             "epoch": epoch + 1, "args": vars(args), "history": state["history"], "untrained": state["untrained"],
-            "torch_rng": torch.get_rng_state(), "results": state["results"], "log_bytes": run_log.size()}
+            "torch_rng": torch.get_rng_state(), "results": state["results"], "log_bytes": run_log.size(),
+            "training_set": state.get("training_set")}
     save_checkpoint(ckpt, os.path.join(args.out, "last.pth"))
     if epoch + 1 == args.stage_one_epochs:
         save_checkpoint(dict(ckpt, stage_one_end=True), os.path.join(args.out, "stage1.pth"))
@@ -119,10 +156,21 @@ def initial_weights(args):
     if args.pretrained == "imagenet":
         return imagenet_weights_path(args.arch)
     if args.pretrained != "synthetic":
+        if args.pretrained not in ("none", ""):
+            check_backbone_file(args.pretrained, args.arch)
         return None if args.pretrained in ("none", "") else args.pretrained
     from demo.pretrain import ensure_pretrained
     return ensure_pretrained(os.path.join(os.path.dirname(os.path.normpath(args.data_root)), "synthetic-pretrain"),
                              arch=args.arch, height=args.height, width=args.width, device=args.device)
+
+
+def check_backbone_file(path, arch):
+    """model.load_backbone_weights's refusals (a missing file, not a state dict, another --arch: one line each)
+    now, before the checks and caches that precede building the model, into a ResNet on the meta device: shapes
+    are compared, nothing is allocated."""
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")             # "copying into a meta parameter is a no-op": the point here
+        load_backbone_weights(getattr(torchvision.models, arch)(weights=None), path)
 
 
 def imagenet_weights_path(arch):

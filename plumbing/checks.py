@@ -16,8 +16,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data.common import read_image, unusable
-from data.datasets import test_sets, training_set
+from data.common import file_keys, read_image, unusable
+from data.datasets import test_images, test_sets, training_set
 from data.fast.cache import training_caches
 from data.regdb import REGDB_TRIALS
 from plumbing import runs
@@ -34,6 +34,7 @@ def resolve_args(args, parser, preset):
     parser: the entry point's argparse parser; preset(method, dataset) -> {flag: value}."""
     args = fill_presets(args, preset)
     check_flags(args)
+    check_world(args)
     if args.out is None:
         args.out = runs.default_out(args, preset_args(args, parser, preset))
     return args
@@ -125,6 +126,65 @@ def check_flags(args):
     need(args.dist_timeout >= 1, "--dist-timeout", ">= 1 second")
     need(args.cache_dir is None or not os.path.exists(args.cache_dir) or os.path.isdir(args.cache_dir),
          "--cache-dir", "a folder (it is created if missing)")
+    check_device(args.device, "train.py")
+    check_shared_memory(args)
+
+
+def check_device(device, program):
+    """--device: cpu, cuda, cuda:N of a GPU this process sees, or mps where PyTorch has it; SystemExit naming the
+    flag otherwise, before anything is read (a mistyped device would otherwise fail after the cache build)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise SystemExit(f"{program}: error: --device must be cpu, cuda or cuda:N (N a GPU index), got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"{program}: error: --device {device}: PyTorch sees no CUDA GPU on this machine "
+                         f"(torch.cuda.is_available() is False); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SystemExit(f"{program}: error: --device {device}: this machine has {torch.cuda.device_count()} "
+                         f"CUDA GPUs visible, cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"{program}: error: --device {device}: PyTorch has no MPS device on this machine; use "
+                         f"--device cpu")
+
+
+def check_shared_memory(args):
+    """DataLoader workers hand their batches to the training process through /dev/shm; where it cannot hold what
+    they have in flight (Docker's default is 64 MB), the run would die mid-epoch with "bus error". SystemExit
+    naming the fix, before anything is read or written."""
+    free = shm_free_bytes()
+    need = shared_memory_need(args)
+    if free is not None and need > free:
+        raise SystemExit(f"train.py: error: --workers {args.workers} pass up to {need / 2**20:,.0f} MiB of batches "
+                         f"through /dev/shm at a time, which has {free / 2**20:,.0f} MiB free: give it more (docker "
+                         f"run --shm-size 8g, or a larger tmpfs) or use --workers 0")
+
+
+def shared_memory_need(args):
+    """Bytes of batches in /dev/shm at a time on this machine: every local process's loaders, each with two
+    batches in flight per worker (DataLoader's prefetch) and one being used. Training (two loaders at once in
+    MBMIL's stage two) hands over float32 views, or, cached on a GPU, uint8 crops; extraction and evaluation
+    float32 images, or uint8 from the training cache (the test sets are decoded)."""
+    if args.workers == 0:
+        return 0
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    image = 3 * args.height * args.width                                        # bytes of one uint8 image
+    on_gpu = torch.device(args.device).type == "cuda"
+    views = 3 * (args.clusters * args.instances // ranks) * image                # v0, v1, r of a rank's share
+    train = views * (1 if args.input == "cached" and on_gpu else 4) * (2 if args.method == "mbmil" else 1)
+    extract = args.extract_batch * image * 4
+    return ranks * (2 * args.workers + 1) * max(train, extract)
+
+
+def shm_free_bytes():
+    """Free bytes of /dev/shm, or None where there is none to check (not Linux)."""
+    try:
+        stat = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -134,19 +194,28 @@ def prepare_run(args, hold, preset, learning_rate, interpolation):
     """Rank 0, before any training: the folder held (into the ExitStack `hold`, for the whole run), every refusal,
     the data listed and decoded, the initial weights (rendering and pretraining the demo's on first use) and the
     decode-once caches. preset: the result flags of the presets; learning_rate(epoch, args) as train.py's.
-    -> {"plan", "ckpt", "vis", "ir", "warnings", "weights", "caches"}."""
+    -> {"plan", "ckpt", "vis", "ir", "warnings", "weights", "caches", "training_set"}."""
     hold.enter_context(runs.hold_run_folder(args.out))              # first: a second start is refused at once
     plan = runs.plan_run(args, preset, learning_rate)
     vis, ir, tests, warned = check_data(args)
+    saved = (plan.get("ckpt") or {}).get("training_set")
+    fingerprint = training_fingerprint(vis, ir, args.data_root, saved)
+    runs.check_same_data(plan, fingerprint, saved)                  # a resume trains on the images it began with
+    sizes = {}
     if args.check_images:         # with --input cached, building the caches decodes the training images
-        check_images(([] if args.input == "cached" else [vis, ir]) + tests, args)
+        sizes = check_images(([] if args.input == "cached" else [vis, ir]) + tests, args)
     weights = initial_weights(args)
     caches = None
     if args.input == "cached":
+        keys = {m: [row[1:] for row in fingerprint[m]] for m in ("vis", "ir")}
         caches = training_caches(vis, ir, args.height, args.width, interpolation,
-                                 args.cache_dir or os.path.join(args.out, "cache"), args.workers)
-    return {"plan": plan, "ckpt": plan.pop("ckpt", None), "vis": vis, "ir": ir, "warnings": warned,
-            "weights": weights, "caches": caches}
+                                 args.cache_dir or os.path.join(args.out, "cache"), args.workers, keys)
+        for m, images in (("vis", vis), ("ir", ir)):
+            sizes.update(zip(images.paths, caches[m].sizes.tolist()))
+            images.cache = caches[m]      # training's loaders read it there; other ranks get it by file path
+    odd = odd_images(sizes, args.height, args.width)
+    return {"plan": plan, "ckpt": plan.pop("ckpt", None), "vis": vis, "ir": ir, "warnings": warned + odd,
+            "weights": weights, "caches": caches, "training_set": fingerprint}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -164,16 +233,19 @@ def check_data(args):
 
 
 def check_test_set(args):
-    """The test protocol's images as ImageLists, listed now so that a missing file or split, or a query
-    set without one match in its gallery, stops the run before training rather than after it."""
+    """Every test image an evaluation of the run can read, as ImageLists without repeats, listed now so that a
+    missing file or split, or a query set without one match in its gallery, stops the run before training rather
+    than after it: the images the protocol extracts (data.datasets.test_images: every gallery candidate of every
+    trial, not only those the --eval-trials draws pick), which `check_images` then decodes."""
     settings = test_sets(args.dataset, args.data_root, args.trial, args.eval_trials)
     for name, (query, gallery) in settings.items():
         if not np.isin(query.pids, gallery.pids).any():
             raise ValueError(f"test set under {args.data_root} ({name}): no query identity appears in the "
                              f"gallery, so no query can be scored; check the test split's labels")
-    lists = [images for pair in settings.values() for images in pair]
+    lists = test_images(args.dataset, args.data_root, args.trial)
+    lists += [images for pair in settings.values() for images in pair]      # among the above; listed for safety
     seen, unique = set(), []
-    for images in lists:               # one ImageList per distinct set of paths (SYSU repeats them per trial)
+    for images in lists:
         new = [i for i, p in enumerate(images.paths) if p not in seen]
         seen.update(images.paths)
         if new:
@@ -182,7 +254,7 @@ def check_test_set(args):
 
 
 class _Decode(torch.utils.data.Dataset):
-    """Decodes image i; returns "" or the error message (a worker never raises)."""
+    """Decodes image i -> ("", (width, height)) or (the error message, None): a worker never raises."""
 
     def __init__(self, paths):
         self.paths = paths
@@ -192,18 +264,55 @@ class _Decode(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         try:
-            read_image(self.paths[i])
-            return ""
+            return "", read_image(self.paths[i]).size
         except OSError as err:
-            return str(err)
+            return str(err), None
 
 
 def check_images(lists, args):
-    """Decode every image of `lists` once, in --workers processes; ValueError naming the bad files."""
+    """Decode every image of `lists` once, in --workers processes -> {path: (width, height)}; ValueError naming
+    the bad files."""
     paths = [p for images in lists for p in images.paths]
     t = time.time()
     loader = DataLoader(_Decode(paths), batch_size=64, num_workers=args.workers, collate_fn=list)
-    errors = [e for batch in tqdm(loader, desc="checking images", unit="batch", file=sys.stderr) for e in batch if e]
+    results = [r for batch in tqdm(loader, desc="checking images", unit="batch", file=sys.stderr) for r in batch]
+    errors = [e for e, _ in results if e]
     if errors:
         raise unusable(errors, len(paths), "images checked")
     log.info(f"checked {len(paths)} images in {time.time() - t:.1f} s")
+    return {p: size for p, (_, size) in zip(paths, results)}
+
+
+# An image this far from the training shape is stretched into something else than a person: named, not refused.
+TINY_FACTOR = 8       # tiny: a side under 1/8 of the input's (upscaled more than 8x), or under 16 x 8 px
+ASPECT_FACTOR = 4     # far: a height:width beyond 4x, or under 1/4, that of --height x --width
+
+
+def odd_images(sizes, height, width):
+    """[one warning line] naming the images of `sizes` ({path: (width, height)}) that are tiny or far from the
+    training aspect ratio, a few files and the count, or [] when there are none."""
+    ratio, min_h, min_w = height / width, max(MIN_HEIGHT, height // TINY_FACTOR), max(MIN_WIDTH, width // TINY_FACTOR)
+    odd = [(p, w, h) for p, (w, h) in sizes.items()
+           if h < min_h or w < min_w or not 1 / ASPECT_FACTOR <= (h / w) / ratio <= ASPECT_FACTOR]
+    if not odd:
+        return []
+    names = ", ".join(f"{p} ({w}x{h})" for p, w, h in odd[:3]) + (", ..." if len(odd) > 3 else "")
+    return [f"{len(odd)} of {len(sizes)} images are tiny (under {min_w}x{min_h} px, width x height) or far from "
+            f"the shape of the {width}x{height} input (height:width beyond {ASPECT_FACTOR}x or under 1/{ASPECT_FACTOR} "
+            f"of its {ratio:.2f}); each is stretched to {width}x{height} all the same: {names}"]
+
+
+def training_fingerprint(vis, ir, root, saved=None):
+    """What the training images are, for a resume to compare (runs.check_same_data): {"root", "vis", "ir"}, each a
+    row per image [path relative to root, size, mtime_ns, ctime_ns, inode, content digest] (data.common.file_keys).
+    saved: the checkpoint's fingerprint, whose digests are reused for files unchanged on disk (a resume reads no
+    image); without it every training file is read and hashed once."""
+    root = os.path.abspath(root)
+    out = {"root": root}
+    for name, images in (("vis", vis), ("ir", ir)):
+        known = None
+        if saved and saved.get("root") == root:
+            known = {os.path.join(root, row[0]): row[1:] for row in saved[name]}
+        keys = file_keys(images.paths, known)
+        out[name] = [[os.path.relpath(p, root)] + k for p, k in zip(images.paths, keys)]
+    return out

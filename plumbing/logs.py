@@ -13,11 +13,16 @@ progress bar (the bars are on stderr). A training run adds its folder's log.txt 
 """
 import json
 import logging
+import math
 import os
 
+import torch
 from tqdm import tqdm
 
+from plumbing.distributed import mean_over_ranks
+
 FILE_ONLY = {"file_only": True}
+READ_EVERY = 50   # training iterations between two read-backs of their losses: the step's only wait for the device
 
 
 class _Console(logging.Handler):
@@ -84,3 +89,52 @@ class NoRunLog:
 
     def metrics(self, record):
         pass
+
+
+class LossReadout:
+    """An epoch's per-iteration losses, kept on the device and read back to the host once every READ_EVERY
+    iterations and at the end: a training step never waits for the device but there. Each read-back checks every
+    loss; one that is not finite stops the run naming its iteration (the steps after it, up to the read-back, ran
+    on; no checkpoint of the epoch is written). Under torchrun the losses are means over the ranks (one all-reduce
+    per read-back). The progress bar shows each interval's mean total loss.
+
+        losses = LossReadout(epoch, world)
+        for batch in losses.progress(loader):  # the epoch's progress bar (rank 0)
+            losses.add(loss, part_1, part_2)   # 0-dim device tensors, the total first; no wait
+        rows = losses.read()                   # [[loss, part_1, part_2] as floats, one per iteration]
+    """
+
+    def __init__(self, epoch, world):
+        self.epoch, self.world, self.bar = epoch, world, None
+        self.pending, self.rows = [], []
+
+    def progress(self, batches, total=None):
+        """`batches` under the epoch's progress bar, which shows each read-back's mean loss."""
+        self.bar = tqdm(batches, total=total, desc=f"epoch {self.epoch}", leave=False, disable=not self.world.main)
+        return self.bar
+
+    def add(self, *values):
+        self.pending.append(torch.stack([v.detach() for v in values]))
+        if len(self.pending) == READ_EVERY:
+            self._read()
+
+    def read(self):
+        self._read()
+        return self.rows
+
+    def _read(self):
+        if not self.pending:
+            return
+        first = len(self.rows)
+        values = mean_over_ranks(torch.stack(self.pending), self.world)          # [n][P] floats: the one wait
+        self.pending.clear()
+        for i, row in enumerate(values):
+            bad = [v for v in row if not math.isfinite(v)]
+            if bad:
+                raise FloatingPointError(
+                    f"loss is {bad[0]} at epoch {self.epoch}, iteration {first + i} (read back after iteration "
+                    f"{first + len(values) - 1}): stopping. The last good checkpoint is last.pth of the previous "
+                    f"epoch; try a lower --lr or --amp off.")
+        self.rows.extend(values)
+        if self.bar is not None and not self.bar.disable:
+            self.bar.set_postfix_str(f"loss {sum(row[0] for row in values) / len(values):.3f}")

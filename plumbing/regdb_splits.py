@@ -13,12 +13,15 @@ from plumbing import checks, distributed, reports, runs
 log = logging.getLogger(__name__)
 
 
-def run_all_splits(args, world, resolve, train_one, learning_rate):
+def run_all_splits(args, world, resolve_args, preset_args, train_one, learning_rate):
     """The ten runs, then the table across them -> the summary dict (rank 0; None on the other ranks).
-    resolve(args) -> (the split's resolved args, its preset flags); train_one(args, world) trains one split;
-    learning_rate(epoch, args) as train.py's."""
-    splits = [resolve(argparse.Namespace(**dict(vars(args), trial=t, out=os.path.join(args.out, f"trial{t}")
-                                                if args.out else None))) for t in REGDB_TRIALS]
+    resolve_args(args) -> a split's resolved flags, preset_args(args) -> its presets' result flags,
+    train_one(args, world) trains one split, learning_rate(epoch, args): train.py's."""
+    splits = []
+    for t in REGDB_TRIALS:
+        split = resolve_args(argparse.Namespace(**dict(vars(args), trial=t, out=os.path.join(args.out, f"trial{t}")
+                                                       if args.out else None)))
+        splits.append((split, preset_args(split)))
     distributed.on_rank_zero(world, _check_all, splits, args, learning_rate)
     for split, _ in splits:
         log.info(f"RegDB split {split.trial} of 10: {split.out}")
@@ -41,8 +44,11 @@ def _check_all(splits, args, learning_rate):
     """Every refusal of any split, and every image of every split decoded, before the first split trains."""
     lists = []
     for split, preset in splits:
-        runs.plan_run(split, preset, learning_rate)
+        plan = runs.plan_run(split, preset, learning_rate)
         vis, ir, tests, _ = checks.check_data(split)
+        if plan["mode"] != "fresh":                 # a split to resume: its training images must be its own
+            saved = plan["ckpt"].get("training_set")
+            runs.check_same_data(plan, checks.training_fingerprint(vis, ir, split.data_root, saved), saved)
         lists += [vis, ir, *tests]
     if args.check_images:
         checks.check_images(lists, args)

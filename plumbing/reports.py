@@ -5,7 +5,8 @@ Results are the dicts of evaluate.evaluate_sysu / evaluate_regdb / evaluate_llcm
 "rerank", "trials": [{"trial", "R1", ..., "mINP", "num_query", "num_gallery", "num_valid"}], "mean",
 "std"}}, metrics in percent. Rank lists follow the protocol's ranking and exclusion (docs/mult.md §9,
 docs/llcm.md (4.1)): NumPy's default argsort, then the images `metrics.excluded` names dropped.
-Imports numpy and metrics.py; Pillow and data/ (to read the images) only for the pictures.
+Imports numpy and metrics.py; Pillow and data/ (to read the images) only for the pictures; plumbing/curves.py
+for a run's learning curves.
 
     print(format_table(results))                   # one row per (setting, trial), a mean row per setting
     print(format_summary(final, untrained))        # the end-of-run table, with the change from untrained
@@ -20,6 +21,7 @@ import os
 import numpy as np
 
 from metrics import METRICS, excluded
+from plumbing.curves import eval_scores, write_run_curves
 from plumbing.logs import FILE_ONLY
 
 LABELS = {"all": "SYSU all-search", "indoor": "SYSU indoor-search",
@@ -36,26 +38,36 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- a training run
 def epoch_line(record):
-    """One epoch record as the log's one line: 'epoch 3 (stage 1): clusters_vis 412, ..., loss 7.21, ...'."""
+    """One epoch record as the log's one line: 'epoch 3 (stage 1): clusters_vis 412, ..., loss 7.21, ..., test all
+    R1 18.73 mAP 23.28, indoor R1 19.86 mAP 27.89, lr ...'."""
     hidden = ("epoch", "stage", "cross_accuracy", "cross_accuracy_ot", "global", "global_plain", "loss_per_iteration")
+
+    def show(key, value):
+        if key == "eval":
+            return "test " + ", ".join(setting + "".join(f" {m} {v:.2f}" for m, v in scores.items())
+                                       for setting, scores in eval_scores(record).items())
+        return f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
     return f"epoch {record['epoch']} (stage {record['stage']}): " + ", ".join(
-        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k not in hidden)
+        show(k, v) for k, v in record.items() if k not in hidden)
 
 
 def final_report(results, untrained, history, args):
     """The end of a training run: the full per-trial tables to log.txt and results.json, one compact table to
-    the screen (with the untrained model's beside it when there is one)."""
+    the screen (with the untrained model's beside it when there is one), and the run's learning curves, redrawn."""
+    curves = write_run_curves(args.out, untrained)
     if untrained is not None:
         log.info("untrained model:\n" + format_table(untrained), extra=FILE_ONLY)
     last = history[-1]["epoch"]
     log.info(f"final model (last epoch, {last}):\n" + format_table(results), extra=FILE_ONLY)
     log.info(f"final model (last epoch, {last})" + (", against the untrained one" if untrained else "")
              + ", means over the gallery trials:\n" + format_summary(results, untrained)
-             + f"\nper-trial tables: {os.path.join(args.out, 'log.txt')}, {os.path.join(args.out, 'results.json')}")
+             + f"\nper-trial tables: {os.path.join(args.out, 'log.txt')}, {os.path.join(args.out, 'results.json')}"
+             + (f"; learning curves: {curves}" if curves else ""))
     if args.select_on_test:
         scored = [r for r in history if "eval" in r]
-        best = max(scored, key=lambda r: next(iter(r["eval"].values())))
-        log.info(f"[model selection on the TEST set, not a valid protocol] best epoch {best['epoch']}: {best['eval']}")
+        best = max(scored, key=lambda r: next(iter(eval_scores(r).values()))["mAP"])
+        log.info(f"[model selection on the TEST set, not a valid protocol] best epoch {best['epoch']}: "
+                 f"{eval_scores(best)}")
     tmp = os.path.join(args.out, "results.json.tmp")
     with open(tmp, "w") as f:
         json.dump({"final": results, "untrained": untrained}, f, indent=2)
@@ -80,6 +92,11 @@ def format_table(results):
         if len(entry["trials"]) > 1:
             tag = f"mean({len(entry['trials'])})"
             lines.append(f"{label:<{width}}{tag:>9}" + "".join(f"{entry['mean'][m]:8.2f}" for m in METRICS))
+    sizes = {json.dumps(e["input_size"]) for e in results.values() if e.get("input_size")}
+    for size in map(json.loads, sorted(sizes)):
+        (h, w), (th, tw) = size["evaluated"], size["trained"]
+        notes.append(f"note: evaluated at {h}x{w} (--height x --width), but the model was trained at {th}x{tw}: "
+                     f"these are not the numbers of the trained model's own input size")
     return "\n".join(lines + notes)
 
 
@@ -113,12 +130,19 @@ def summarize_runs(folders):
     evaluate.py's results.json ({"results": ..., "args": ...}) is read too.
     summary = {"dataset", "method", "runs": [{"folder", "seed", "trial", "results": {setting: means
     of all METRICS}}], "mean": {setting: {metric}}, "std": {...}}. Refused with one sentence: a
-    folder without results.json, runs of different datasets or methods, the same RegDB split twice,
-    runs with different settings.
+    folder without results.json, a folder named twice (by its real path), runs of different datasets or
+    methods, the same RegDB split twice, runs with different settings.
     """
     folders = list(folders)
     if not folders:
         raise ValueError("--summarize: give at least one run folder")
+    seen = {}
+    for folder in folders:            # one run twice would count as two and shrink the std: refused
+        real = os.path.realpath(folder)
+        if real in seen:
+            raise ValueError(f"--summarize: {folder} names the same run folder as {seen[real]} ({real}); give "
+                             f"each run once")
+        seen[real] = folder
     runs = [_read_run(f) for f in folders]
     for key in ("dataset", "method"):
         values = sorted({str(r["args"].get(key)) for r in runs})

@@ -10,7 +10,8 @@ apart. Used by train.py, on rank 0:
 
 - The default folder names every flag that changes the result and is not the preset's (`default_out`).
 - A resume compares the checkpoint's result-changing flags with the current ones (`plan_run`); only
-  RUNTIME_FLAGS may differ, and --epochs may grow.
+  RUNTIME_FLAGS may differ, and --epochs may grow. Its training images must be those it started with
+  (`check_same_data`, once the data are listed).
 - `stage1.pth` (written by train.py at the end of stage one) starts the stage-two ablations of
   `--init-from`, whose stage-one flags must agree.
 - log.txt and metrics.jsonl hold exactly the checkpoint's epochs (`open_run_folder`).
@@ -25,7 +26,7 @@ import time
 from contextlib import contextmanager
 
 from plumbing.checkpoints import load_checkpoint
-from plumbing.logs import RunLog
+from plumbing.logs import NoRunLog, RunLog
 
 # Flags that cannot change what a run computes or reports: they may differ between a run and its resume.
 RUNTIME_FLAGS = frozenset({"out", "resume", "overwrite", "init_from", "check_images", "workers", "device",
@@ -41,10 +42,20 @@ log = logging.getLogger(__name__)
 
 
 def add_run_flags(parser):
-    """train.py's flags of where and how a run runs (its folder, resume, device, precision, input pipeline,
-    processes): they change no result but --amp, --input (bit for bit the same pixels, other arithmetic of the
-    jitter on a GPU) and --sync-bn, which are result flags of the run folder."""
+    """train.py's flags of where and how a run runs: its folder and resume, its evaluation and diagnostics, the
+    device and precision, the input pipeline and processes. Of them --amp, --input and --sync-bn change results
+    (they name the run folder when off the default), and the evaluation flags what is reported."""
     a = parser.add_argument
+    a("--allow-count-mismatch", action="store_true", help="accept a SYSU-MM01 or LLCM with non-official counts")
+    a("--diagnostics", action=argparse.BooleanOptionalAction, default=None,
+      help="also run the baselines on the same features each stage-two epoch (MULT: OT's labels; MBMIL: the plain "
+           "Jaccard's clusters) and log their quality; changes no result (default: synthetic only)")
+    a("--eval-every", type=int, default=None, help="evaluate every N epochs (1; the last epoch always)")
+    a("--eval-trials", type=int, default=None, help="SYSU / LLCM gallery draws of the final evaluation (10)")
+    a("--eval-untrained", action=argparse.BooleanOptionalAction, default=None,
+      help="evaluate the untrained model first, the reference of the learning curve (default: synthetic only)")
+    a("--select-on-test", action="store_true",
+      help="ALSO report the best epoch by test mAP (model selection on the test set; labelled as such)")
     a("--out", type=str, default=None,
       help="run folder (default runs/<method>_<dataset>[_trial<t>] + the flags off the preset)")
     a("--resume", type=str, default="auto", help="auto (continue --out if it has last.pth), a checkpoint, or none")
@@ -55,10 +66,11 @@ def add_run_flags(parser):
       help="decode every training and test image once before training (on; with --input cached the cache build "
            "decodes the training images)")
     a("--device", type=str, default=None, help="cpu, cuda, cuda:1 (default: cuda if available; torchrun: "
-      "cuda:LOCAL_RANK)")
+      "cuda:LOCAL_RANK). On CUDA convolutions may use TF32, matrix products (logits, kNN) stay IEEE float32")
     a("--amp", choices=("off", "bf16", "fp16"), default="off",
-      help="mixed precision of the backbone (off; bf16 on GPUs that have it); memories, losses and clustering "
-           "stay float32; fp16 scales the loss")
+      help="mixed precision of the backbone in training, feature extraction and evaluation (off; bf16 on GPUs "
+           "that have it); features leave it as float32, and memories, losses and clustering stay float32; fp16 "
+           "scales the loss. off on CUDA: convolutions in TF32, matrix products in IEEE float32")
     a("--channels-last", action=argparse.BooleanOptionalAction, default=False, help="channels-last memory format")
     a("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
       help="under torchrun, BatchNorm statistics of the whole global batch (on; --no-sync-bn: each rank's share)")
@@ -122,6 +134,31 @@ def check_same_run(saved, args, preset, path, keys, what):
         raise SystemExit(f"train.py: error: {path} {what}, but these flags differ: " + "; ".join(diffs) +
                          ". Run the other configuration in its own folder (drop --out for the default "
                          "one), or give the same flags.")
+
+
+def check_same_data(plan, fingerprint, saved):
+    """Refuse a resume (or an --init-from branch) whose training images are not those its checkpoint trained on,
+    naming what changed: images added, removed, or replaced (another content digest). fingerprint, saved: the
+    current and the checkpoint's checks.training_fingerprint; a checkpoint that records none (written before the
+    fingerprint was) is not compared."""
+    if plan["mode"] == "fresh" or saved is None:
+        return
+    changes = []
+    for name in ("vis", "ir"):
+        before = {row[0]: row[5] for row in saved[name]}
+        now = {row[0]: row[5] for row in fingerprint[name]}
+        for what, paths in (("added", sorted(now.keys() - before.keys())),
+                            ("removed", sorted(before.keys() - now.keys())),
+                            ("replaced", sorted(p for p in now.keys() & before.keys() if now[p] != before[p]))):
+            if paths:
+                changes.append(f"{len(paths)} {name} image{'s' * (len(paths) > 1)} {what} ("
+                               + ", ".join(paths[:2]) + (", ..." if len(paths) > 2 else "") + ")")
+    if changes:
+        how = ("restore them, or start afresh with --resume none --overwrite (or give another --out)"
+               if plan["mode"] == "resume" else "restore them, or train stage one on these images (drop --init-from)")
+        raise SystemExit(f"train.py: error: the training images under {fingerprint['root']} changed since "
+                         f"{plan['path']} was written: {'; '.join(changes)}; a run continues on the images it "
+                         f"started with: {how}")
 
 
 def stage_one_view(run, learning_rate):
@@ -220,6 +257,19 @@ def open_run_folder(args, plan, history, preset):
     record = dict(vars(args), changed_from_preset={k: list(v) for k, v in changed_flags(args, preset).items()})
     write_atomic(os.path.join(args.out, "args.json"), json.dumps(record, indent=1, default=str))
     return RunLog(args.out)
+
+
+@contextmanager
+def run_log(args, run, state, preset, main=True):
+    """The run's RunLog for the time of its epochs: on rank 0 its files opened (`open_run_folder`) and its first
+    lines written (`log_start`); a NoRunLog, which writes nothing, on the other ranks.
+    run: checks.prepare_run's dict; state: checkpoints.restore's."""
+    if not main:
+        yield NoRunLog()
+        return
+    with open_run_folder(args, run["plan"], state["history"], preset) as log_file:
+        log_start(args, preset, run, state["start"])
+        yield log_file
 
 
 def write_atomic(path, text):

@@ -484,8 +484,8 @@ def test_runs_share_a_cache_dir_and_their_results_do_not_change(tmp_path):
         render_sysu(root, num_ids=10, images_per_cam=2, height=32, width=16, seed=seed)
     tiny = ["--arch", "resnet18", "--pretrained", "none", "--height", "32", "--width", "16", "--k1", "6", "--k2", "2",
             "--clusters", "2", "--instances", "2", "--iters", "2", "--eval-trials", "1", "--eval-every", "100",
-            "--no-eval-untrained", "--workers", "0", "--eps", "0.6", "--input", "cached", "--epochs", "1", "--stage-one-epochs", "1",
-            "--no-check-images"]
+            "--no-eval-untrained", "--workers", "0", "--eps", "0.6", "--input", "cached", "--epochs", "1",
+            "--stage-one-epochs", "1", "--no-check-images"]
     shared = tmp_path / "shared"
     train.cli([*tiny, "--data-root", roots[0], "--out", str(tmp_path / "own")])
     train.cli([*tiny, "--data-root", roots[0], "--out", str(tmp_path / "a"), "--cache-dir", str(shared)])
@@ -515,3 +515,167 @@ def test_a_failed_build_names_every_bad_file_and_leaves_nothing(tmp_path):
         build_cache(images, H, W, path=str(tmp_path / "run" / "cache" / "vis.u8"), progress=False)
     assert paths[1] in str(err.value) and paths[3] in str(err.value) and "cannot decode image" in str(err.value)
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The cache trusts nothing it has not checked (issue 26)
+
+def six_images(tiny, folder, seed=0):
+    """An ImageList of six JPEGs of its own in `folder` (copies of tiny's visible ones, or other pictures)."""
+    folder.mkdir()
+    paths = []
+    for i in range(6):
+        paths.append(str(folder / f"{i}.jpg"))
+        (Image.open(tiny[0].paths[i]) if seed == 0 else picture(1000 * seed + i)).save(paths[-1], quality=90)
+    return ImageList(paths, np.zeros(6), np.ones(6), VIS)
+
+
+def test_a_damaged_or_foreign_cache_file_is_detected_and_decoded_again(tiny, tmp_path):
+    import shutil
+    images = six_images(tiny, tmp_path / "set")
+    path = str(tmp_path / "cache" / "vis.u8")
+    first = build_cache(images, H, W, path=path, progress=False)
+    want = first.images.clone()
+    with open(path, "r+b") as f:                                  # scramble a few bytes of row 3
+        f.seek(3 * 3 * H * W + 100)
+        f.write(bytes(range(7, 57)))
+    again = build_cache(images, H, W, path=path, progress=False)
+    assert "1 of 6 rows damaged" in again.summary and images.paths[3] in again.summary
+    assert torch.equal(again.images, want)
+    assert "checksum verified" in build_cache(images, H, W, path=path, progress=False).summary
+    other = build_cache(six_images(tiny, tmp_path / "other", seed=5), H, W, path=str(tmp_path / "o.u8"),
+                        progress=False)
+    shutil.copyfile(str(tmp_path / "o.u8"), path)                 # a foreign file of the very same size
+    assert not torch.equal(other.images, want)
+    again = build_cache(images, H, W, path=path, progress=False)
+    assert "6 of 6 rows damaged" in again.summary and torch.equal(again.images, want)
+
+
+def test_a_replaced_image_of_the_same_size_and_mtime_is_decoded_again(tiny, tmp_path):
+    images = six_images(tiny, tmp_path / "set")
+    path = str(tmp_path / "vis.u8")
+    build_cache(images, H, W, path=path, progress=False)
+    by_size = sorted(range(6), key=lambda i: os.path.getsize(images.paths[i]))
+    row, victim, donor = by_size[-1], images.paths[by_size[-1]], images.paths[by_size[0]]
+    st, old = os.stat(victim), open(victim, "rb").read()
+    new = open(donor, "rb").read()
+    new += b"\0" * (len(old) - len(new))                          # a JPEG decoder ignores bytes after its end
+    with open(victim, "wb") as f:                                 # the donor's picture, padded to the same size
+        f.write(new)
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))          # and its modification time restored
+    assert (os.path.getsize(victim), os.stat(victim).st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    again = build_cache(images, H, W, path=path, progress=False)
+    assert "1 changed files decoded again" in again.summary and victim in again.summary
+    assert np.array_equal(again.images[row].numpy(), decode_resized(donor, H, W))
+    os.chmod(donor, 0o600)                                        # a new ctime, the same bytes: not decoded
+    assert "same content" in build_cache(images, H, W, path=path, progress=False).summary
+
+
+def test_a_cache_of_an_earlier_format_is_rebuilt(tiny, tmp_path):
+    import json
+    images = six_images(tiny, tmp_path / "set")
+    path = str(tmp_path / "vis.u8")
+    built = build_cache(images, H, W, path=path, progress=False)
+    key = json.loads(open(path + ".json").read())
+    key["header"]["format"] = "vireid-image-cache-v1"
+    key["rows"] = [[row[0], row[1], row[2], row[8], row[9]] for row in key["rows"]]   # v1: path, size, mtime, facts
+    open(path + ".json", "w").write(json.dumps(key))
+    again = build_cache(images, H, W, path=path, progress=False)
+    assert "rebuilt (an earlier release's format" in again.summary and torch.equal(again.images, built.images)
+
+
+def test_a_build_without_the_space_it_needs_is_one_line_and_leaves_nothing(tiny, tmp_path, monkeypatch):
+    """The space is checked before any image is decoded, and reserved (posix_fallocate) so that a disk filling up
+    during the build cannot end in a bus error: either way one OSError naming the folder and the size."""
+    import errno
+    import shutil as shutil_module
+    import data.fast.cache as C
+    images = six_images(tiny, tmp_path / "set")
+    folder = tmp_path / "run" / "cache"
+    real = shutil_module.disk_usage
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda p: real(p)._replace(free=64 * 1024))
+    with pytest.raises(OSError) as err:                           # 6 x 3 x 288 x 144 bytes on 64 KB
+        build_cache(images, 288, 144, path=str(folder / "vis.u8"), progress=False)
+    assert str(folder) in str(err.value) and "0.7 MB needed, 0.1 MB free" in str(err.value)
+    assert len(str(err.value).splitlines()) == 1 and not (tmp_path / "run").exists()
+    monkeypatch.setattr(shutil_module, "disk_usage", real)
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(C.os, "posix_fallocate", full)
+    with pytest.raises(OSError, match="not enough space for the image cache vis.u8 in .*cache: 0.0 MB needed"):
+        build_cache(images, H, W, path=str(folder / "vis.u8"), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_training_cli_on_a_full_cache_dir_is_one_line(tiny, tmp_path, monkeypatch, capsys):
+    import shutil as shutil_module
+    import train
+    from demo.synthetic import render_sysu
+    root = str(tmp_path / "data")
+    render_sysu(root, num_ids=10, images_per_cam=2, height=32, width=16, seed=0)
+    real = shutil_module.disk_usage
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda p: real(p)._replace(free=64 * 1024))
+    with pytest.raises(SystemExit) as exit:
+        train.cli(["--data-root", root, "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "small"),
+                   "--arch", "resnet18", "--pretrained", "none", "--height", "64", "--width", "32", "--k1", "6",
+                   "--k2", "2", "--clusters", "2", "--instances", "2", "--iters", "2", "--eval-trials", "1",
+                   "--no-eval-untrained", "--eps", "0.6", "--workers", "0", "--epochs", "1", "--stage-one-epochs", "1",
+                   "--no-check-images"])
+    err = capsys.readouterr().err.strip().split("\n")[-1]
+    assert exit.value.code == 2 and "not enough space for the image caches" in err and str(tmp_path / "small") in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "small").exists()
+
+
+KILLED_BUILD = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+import data.fast.cache as C
+from data.common import ImageList, VIS
+paths = sys.argv[3:]
+real = C.read_image
+def read_then_die(path):
+    if path == paths[2]:
+        os.kill(os.getpid(), signal.SIGKILL)             # as a SIGKILL or an OOM kill would, mid-build
+    return real(path)
+C.read_image = read_then_die
+C.build_cache(ImageList(paths, np.zeros(len(paths)), np.ones(len(paths)), VIS), 32, 16, path=sys.argv[2],
+              progress=False)
+"""
+LIVE_BUILD = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import data.fast.cache as C
+fd = C._create_locked(sys.argv[2])
+print("writing", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_killed_builds_temporary_file_is_removed_by_the_next_build_but_never_a_live_one(tiny, tmp_path):
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    images = six_images(tiny, tmp_path / "set")
+    path = str(tmp_path / "cache" / "vis.u8")
+    killed = subprocess.Popen([sys.executable, "-c", KILLED_BUILD, repo, path, *images.paths])
+    assert killed.wait() == -9
+    left = [p for p in os.listdir(tmp_path / "cache") if p.endswith(".tmp")]
+    assert left == [f"vis.u8.{killed.pid}.tmp"]
+    stale = tmp_path / "cache" / "ir.u8.999999999.tmp"                # an unlocked file of a process long gone
+    stale.write_bytes(b"\0" * 10)
+    # a live build's file, named by a process id this machine does not run (a build on another machine sharing
+    # the folder): its lock alone keeps it
+    remote = tmp_path / "cache" / "vis.u8.999999998.tmp"
+    live = subprocess.Popen([sys.executable, "-c", LIVE_BUILD, repo, str(remote)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert live.stdout.readline().strip() == "writing"
+        built = build_cache(images, 32, 16, path=path, progress=False)
+        assert "removed 2 temporary files" in built.summary and f"vis.u8.{killed.pid}.tmp" in built.summary
+        assert sorted(p for p in os.listdir(tmp_path / "cache") if p.endswith(".tmp")) == [remote.name]
+    finally:
+        live.kill()
+        live.wait()
+    build_cache(images, 32, 16, path=path, progress=False)           # its writer gone, the file goes too
+    assert not [p for p in os.listdir(tmp_path / "cache") if p.endswith(".tmp")]

@@ -1,5 +1,5 @@
 """Tests for bench/bench_fusion.py: its eager expressions are the pipeline's steps bit for bit, so that what it
-times compiled is the same computation. The hue against data.batched's PIL tables (themselves checked against
+times compiled is the same computation. The hue against data.fast.batched's PIL tables (themselves checked against
 PIL in tests/test_batched.py) on random colours and on every colour with two equal channels (the maximum's ties
 decide PIL's branch) and every grey; the tail against normalize_ and erase_."""
 import os

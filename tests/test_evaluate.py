@@ -441,8 +441,8 @@ def test_rerank_in_the_runners_and_from_features(tmp_path, tiny_sysu):
     assert rr["all"]["rerank"] == {"k1": 8, "k2": 3, "lambda_value": 0.3}
     query, gallery = sysu_test(root, "all", 0)
     q, g = (features.extract_features(features.pixel_model, x, 32, 16) for x in (query, gallery))
-    d = metrics.re_ranking(metrics.pairwise_distance(q, g), metrics.pairwise_distance(q, q), metrics.pairwise_distance(g, g),
-                      k1=8, k2=3)
+    dist = metrics.pairwise_distance
+    d = metrics.re_ranking(dist(q, g), dist(q, q), dist(g, g), k1=8, k2=3)
     cmc, m_ap, _ = metrics.eval_sysu(d, query.pids, gallery.pids, query.camids, gallery.camids)
     assert rr["all"]["trials"][0]["mAP"] == pytest.approx(100 * m_ap, abs=1e-4)
     assert rr["all"]["trials"][0]["R1"] == pytest.approx(100 * cmc[0], abs=1e-4)

@@ -6,6 +6,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 import torch
 
@@ -54,6 +55,53 @@ def test_cpu_run_prints_every_row_and_cpu_against_cpu_is_identical(tmp_path, cap
     assert results["epoch"][-1]["seconds"] == sum(r["seconds"] for r in results["epoch"][:-1])
     saved = json.loads(out.read_text())
     assert saved["compare"] == json.loads(json.dumps(compare)) and saved["setup"]["args"]["device"] == "cpu"
+    # (b) train.py itself: both methods, both inputs, CPU against CPU: the same clusters, losses and mAP
+    assert [(r["method"], r["input"], r["precision"]) for r in results["train"]] == [
+        ("mult", "cached", "fp32"), ("mult", "pil", "fp32"), ("mbmil", "cached", "fp32"), ("mbmil", "pil", "fp32")]
+    assert all(r["ok"] and r["labels_agree"] == 1 and r["max_loss_rel_diff"] == 0 and r["max_map_diff"] == 0
+               for r in results["train"]), results["train"]
+    # (c) the batched augmentation, every pipeline, bit for bit; (d) real input against synthetic; (e) two ranks
+    assert [r["pipeline"] for r in results["augment"]] == ["mult stage 1", "mult stage 2", "mbmil stage 1"]
+    assert all(r["ok"] and r["values_differing"] == 0 for r in results["augment"])
+    assert [r["input"] for r in results["input"]] == ["synthetic", "cached, MULT stage 1", "cached, MULT stage 2"]
+    assert all(r["images_per_s"] > 0 and r["ok"] is None for r in results["input"])     # judged on a GPU only
+    assert results["input"][1]["vs_synthetic"] > 0
+    assert [r["ok"] for r in results["distributed"]] == [True] and results["distributed"][0]["max_loss_rel_diff"] < 1e-3
+    summary = [line for line in text.splitlines() if line.startswith("gpu_check:")]
+    assert len(summary) == 1 and summary[0].startswith("gpu_check: PASS (compare 7/7, train 4/4, augment 3/3")
+    assert list(saved) == ["setup", "compare", "train", "augment", "throughput", "input", "distributed", "epoch",
+                           "summary"]
+
+
+def test_json_holds_each_section_as_it_ends(tmp_path, monkeypatch):
+    """A loan that ends mid-run keeps what ran: the JSON is written after every section."""
+    out = tmp_path / "gpu_check.json"
+
+    def cut(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(gc.gpu_runs, "augment_check", cut)
+    with pytest.raises(KeyboardInterrupt):
+        gc.main(gc.get_args_parser().parse_args(SMALL + ["--sections", "compare", "augment", "--json", str(out)]))
+    saved = json.loads(out.read_text())
+    assert list(saved) == ["setup", "compare"] and len(saved["compare"]) == 7
+
+
+def test_a_difference_fails_the_row_and_the_summary():
+    ref = {"labels": [{"vis": np.array([0, 0, 1]), "ir": np.array([1, -1])}], "curve": [2.0, 3.0],
+           "mAP": {"all": 50.0}, "seconds": 1.0, "error": None}
+    same = gc.gpu_runs.compare_runs("mult", "cached", "fp32", ref, ref)
+    assert same["ok"] and same["labels_agree"] == 1
+    moved = dict(ref, labels=[{"vis": np.array([0, 1, 1]), "ir": np.array([1, -1])}])
+    assert not gc.gpu_runs.compare_runs("mult", "cached", "fp32", ref, moved)["ok"]          # fp32: all equal
+    assert gc.gpu_runs.compare_runs("mult", "cached", "bf16", ref, moved)["labels_agree"] == 0.8
+    drift = dict(ref, curve=[2.0, 3.01])
+    assert not gc.gpu_runs.compare_runs("mult", "cached", "fp32", ref, drift)["ok"]
+    assert gc.gpu_runs.compare_runs("mult", "cached", "bf16", ref, drift)["ok"]               # within 5e-2
+    broken = dict(ref, error="RuntimeError: CUDA error")
+    row = gc.gpu_runs.compare_runs("mult", "pil", "fp16", ref, broken)
+    assert not row["ok"] and "CUDA error" in row["detail"]
+    line = gc.summary({"train": [same, row], "input": [{"ok": None}]}, ["train", "input"])
+    assert line.startswith("FAIL (train 1/2, input 0/0 (1 not judged)); failed: train: device: RuntimeError")
 
 
 def test_skip_cpu_reference_compares_nothing_and_says_so(capsys):

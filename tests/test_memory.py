@@ -158,23 +158,25 @@ def test_stage_one_loss_hand_computed():
 def expected_stage_two(banks, f_v0, f_v1, f_r, Y, even):
     """docs/mult.md §7.4 written out term by term."""
     B = {name: mem.bank for name, mem in banks.items()}
+    v, r, c = B["vis"], B["ir"], B["unified_vis" if even else "unified_ir"]          # M_v, M_r, M_c
+    y_v, y_r, y_vr, y_rv = Y["vis"], Y["ir"], Y["vis_to_ir"], Y["ir_to_vis"]
     if even:
-        ms = (ref_soft_ce(s(f_v0, B["vis"]), Y["vis"]) + ref_soft_ce(s(f_v1, B["vis"]), Y["vis"])
-              + ref_soft_ce(s(f_r, B["ir"]), Y["ir"]) + ref_soft_ce(s(f_r, B["ir_to_vis"]), Y["ir_to_vis"]))
-        ma = (ref_soft_ce(s(f_v0, B["unified_vis"]), Y["vis"]) + ref_soft_ce(s(f_v1, B["unified_vis"]), Y["vis"])
-              + ref_soft_ce(s(f_r, B["unified_vis"]), Y["ir_to_vis"]))
-        oclr = (ref_sce(s(f_v0, B["unified_vis"]), s(f_v1, B["vis"])) + ref_sce(s(f_v1, B["unified_vis"]), s(f_v0, B["vis"]))
-                + ref_sce(s(f_r, B["unified_vis"]), s(f_r, B["ir_to_vis"])) + ref_sce(s(f_v0, B["unified_vis"]), s(f_v1, B["ir_to_vis"]))
-                + ref_sce(s(f_v1, B["unified_vis"]), s(f_v0, B["ir_to_vis"])) + ref_sce(s(f_r, B["unified_vis"]), s(f_r, B["vis"])))
+        rv = B["ir_to_vis"]                                                          # M_{r→v}
+        ms = (ref_soft_ce(s(f_v0, v), y_v) + ref_soft_ce(s(f_v1, v), y_v)
+              + ref_soft_ce(s(f_r, r), y_r) + ref_soft_ce(s(f_r, rv), y_rv))
+        ma = ref_soft_ce(s(f_v0, c), y_v) + ref_soft_ce(s(f_v1, c), y_v) + ref_soft_ce(s(f_r, c), y_rv)
+        oclr = (ref_sce(s(f_v0, c), s(f_v1, v)) + ref_sce(s(f_v1, c), s(f_v0, v))
+                + ref_sce(s(f_r, c), s(f_r, rv)) + ref_sce(s(f_v0, c), s(f_v1, rv))
+                + ref_sce(s(f_v1, c), s(f_v0, rv)) + ref_sce(s(f_r, c), s(f_r, v)))
     else:
-        ms = (ref_soft_ce(s(f_v0, B["vis"]), Y["vis"]) + ref_soft_ce(s(f_v1, B["vis"]), Y["vis"])
-              + ref_soft_ce(s(f_v0, B["vis_to_ir"]), Y["vis_to_ir"]) + ref_soft_ce(s(f_v1, B["vis_to_ir"]), Y["vis_to_ir"])
-              + ref_soft_ce(s(f_r, B["ir"]), Y["ir"]))
-        ma = (ref_soft_ce(s(f_v0, B["unified_ir"]), Y["vis_to_ir"]) + ref_soft_ce(s(f_v1, B["unified_ir"]), Y["vis_to_ir"])
-              + ref_soft_ce(s(f_r, B["unified_ir"]), Y["ir"]))
-        oclr = (ref_sce(s(f_v0, B["unified_ir"]), s(f_v1, B["vis_to_ir"])) + ref_sce(s(f_v1, B["unified_ir"]), s(f_v0, B["vis_to_ir"]))
-                + ref_sce(s(f_r, B["unified_ir"]), s(f_r, B["ir"])) + ref_sce(s(f_v0, B["unified_ir"]), s(f_v1, B["ir"]))
-                + ref_sce(s(f_v1, B["unified_ir"]), s(f_v0, B["ir"])) + ref_sce(s(f_r, B["unified_ir"]), s(f_r, B["vis_to_ir"])))
+        vr = B["vis_to_ir"]                                                          # M_{v→r}
+        ms = (ref_soft_ce(s(f_v0, v), y_v) + ref_soft_ce(s(f_v1, v), y_v)
+              + ref_soft_ce(s(f_v0, vr), y_vr) + ref_soft_ce(s(f_v1, vr), y_vr)
+              + ref_soft_ce(s(f_r, r), y_r))
+        ma = ref_soft_ce(s(f_v0, c), y_vr) + ref_soft_ce(s(f_v1, c), y_vr) + ref_soft_ce(s(f_r, c), y_r)
+        oclr = (ref_sce(s(f_v0, c), s(f_v1, vr)) + ref_sce(s(f_v1, c), s(f_v0, vr))
+                + ref_sce(s(f_r, c), s(f_r, r)) + ref_sce(s(f_v0, c), s(f_v1, r))
+                + ref_sce(s(f_v1, c), s(f_v0, r)) + ref_sce(s(f_r, c), s(f_r, vr)))
     return ms, ma, oclr
 
 
@@ -196,7 +198,8 @@ def test_stage_two_loss_hand_computed(epoch):
 def test_stage_two_number_of_terms(epoch, oclr, n_terms):
     # every bank row equal -> uniform softmax: each CE or SCE term is exactly log K
     k, d = 6, 4
-    banks = {name: ClusterMemory(torch.ones(k, d)) for name in ("vis", "ir", "ir_to_vis", "vis_to_ir", "unified_vis", "unified_ir")}
+    names = ("vis", "ir", "ir_to_vis", "vis_to_ir", "unified_vis", "unified_ir")
+    banks = {name: ClusterMemory(torch.ones(k, d)) for name in names}
     gen = torch.Generator().manual_seed(0)
     f_v0, f_v1, f_r = torch.randn(3, d, generator=gen), torch.randn(3, d, generator=gen), \
         torch.randn(2, d, generator=gen)
@@ -213,7 +216,7 @@ def test_stage_two_updates_call_order_and_reverse_application():
     _, _, up_even = stage_two_loss(banks, f_v0, f_v1, f_r, hard, soft, epoch=40)
     assert [u[0] for u in up_even] == ["vis", "vis", "ir", "ir_to_vis", "unified_vis", "unified_vis", "unified_vis"]
     _, _, up_odd = stage_two_loss(banks, f_v0, f_v1, f_r, hard, soft, epoch=41)
-    assert [u[0] for u in up_odd] == ["vis", "vis", "vis_to_ir", "vis_to_ir", "ir", "unified_ir", "unified_ir", "unified_ir"]
+    assert [u[0] for u in up_odd] == ["vis", "vis", "vis_to_ir", "vis_to_ir", "ir"] + ["unified_ir"] * 3
     assert torch.equal(up_odd[5][2], hard["vis_to_ir"]) and torch.equal(up_odd[7][2], hard["ir"])
     assert all(not u[1].requires_grad for u in up_odd)
 

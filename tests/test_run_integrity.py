@@ -209,7 +209,8 @@ def test_init_from_refuses_another_stage_one(tiny_root, tmp_path, capsys):
     (["--eval-trials", "0"], "--eval-trials"), (["--height", "4"], "--height"), (["--width", "2"], "--width"),
     (["--epochs", "0"], "--epochs"), (["--stage-one-epochs", "5"], "--stage-one-epochs"),
     (["--clusters", "0"], "--clusters"), (["--beta", "1.5"], "--beta"), (["--eps", "0"], "--eps"),
-    (["--seed", "-1"], "--seed"), (["--lr-steps", "x"], "--lr-steps"), (["--dataset", "regdb", "--trial", "11"], "--trial"),
+    (["--seed", "-1"], "--seed"), (["--lr-steps", "x"], "--lr-steps"),
+    (["--dataset", "regdb", "--trial", "11"], "--trial"),
     (["--resume", "nowhere.pth"], "--resume"), (["--init-from", "nowhere.pth"], "--init-from"),
     (["--overwrite"], "--overwrite"), (["--method", "mbmil", "--global-k1", "7"], "--global-k1")])
 def test_bad_flags_refused_before_anything_is_written(tiny_root, tmp_path, capsys, argv, named):
@@ -489,7 +490,8 @@ def test_a_folder_another_live_run_writes_is_refused(tiny_root, tmp_path, capsys
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (out / ".lock").write_text(f"{sleeper.pid}\n")                             # a live pid, but no lock
-        assert cli("--data-root", tiny_root, "--out", str(out), *TINY, "--epochs", "3", "--stage-one-epochs", "1")[0] == 0
+        assert cli("--data-root", tiny_root, "--out", str(out), *TINY, "--epochs", "3",
+                   "--stage-one-epochs", "1")[0] == 0
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -516,3 +518,265 @@ def test_the_same_command_started_twice_trains_once(tiny_root, tmp_path):
     assert len(errors[loser].strip().splitlines()) == 1 and "checking images" not in errors[loser]
     log = open(os.path.join(out, "log.txt")).read()
     assert log.count("epoch 0 (stage") == 1 and log.count("epoch 1 (stage") == 1 and epochs_in(out) == [0, 1]
+
+
+# --------------------------------------------------------------------------- 7. issue 26: the last late checks
+
+def copy_root(tiny_root, tmp_path, name="data"):
+    root = str(tmp_path / name)
+    shutil.copytree(tiny_root, root)
+    return root
+
+
+def one_line(err):
+    """stderr holds one line of message, progress bars (redrawn with \\r) aside, and no traceback."""
+    return len([line for line in err.split("\n") if line.strip() and "\r" not in line]) == 1 \
+        and "Traceback" not in err
+
+
+def undrawn_candidate(root, trials=1):
+    """A gallery candidate (SYSU layout) that no all- or indoor-search draw of trials 0..trials-1 picks."""
+    from data.sysu import sysu_gallery_candidates, sysu_test
+    drawn = {p for mode in ("all", "indoor") for t in range(trials) for p in sysu_test(root, mode, t)[1].paths}
+    return next(p for p in sysu_gallery_candidates(root, "all").paths if p not in drawn)
+
+
+def test_a_broken_gallery_candidate_no_drawn_trial_picks_is_refused_before_training(tiny_root, tmp_path, capsys):
+    """The first evaluation extracts every gallery candidate, not only the drawn ones: a broken candidate that the
+    --eval-trials draws do not pick is refused by the check before the first epoch, not by the evaluation after."""
+    root = copy_root(tiny_root, tmp_path)
+    bad = undrawn_candidate(root)
+    with open(bad, "wb") as f:
+        f.write(b"not a jpeg")
+    out = tmp_path / "run"
+    err = refused(capsys, root, "--data-root", root, "--out", str(out), *TINY, *TWO, names=["cannot decode image",
+                                                                                           bad])
+    assert one_line(err) and not out.exists()
+
+
+def test_device_gpu_is_refused_before_anything(tiny_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    err = refused(capsys, str(tmp_path), "--data-root", tiny_root, "--out", str(out), *TINY, *TWO,
+                  "--device", "gpu", names=["--device", "'gpu'", "cpu, cuda or cuda:N"])
+    assert one_line(err) and not out.exists()
+
+
+def test_a_resume_whose_training_images_changed_is_refused_naming_them(tiny_root, tmp_path, capsys):
+    """An image removed, added, or replaced by another of the same size with its modification time restored,
+    between a run and its resume (--allow-count-mismatch, so that the counts let it through): refused, naming
+    what changed; the run folder is left as it was. Restored, the resume trains on."""
+    root = copy_root(tiny_root, tmp_path)
+    out = str(tmp_path / "run")
+    argv = ["--data-root", root, "--out", out, *TINY, "--allow-count-mismatch"]
+    assert cli(*argv, "--epochs", "1", "--stage-one-epochs", "1")[0] == 0
+    capsys.readouterr()
+    more = [*argv, "--epochs", "2", "--stage-one-epochs", "1"]
+    victim = first(root, "cam1", test=False)
+    path = os.path.join(root, victim)
+    saved = open(path, "rb").read()
+    stat = os.stat(path)
+    os.remove(path)                                                               # removed
+    err = refused(capsys, out, *more, names=["1 vis image removed", victim, "--resume none --overwrite"])
+    assert one_line(err)
+    with open(path, "wb") as f:                                                   # replaced: same size and mtime
+        other = open(os.path.join(root, first(root, "cam2", test=False)), "rb").read()
+        f.write((other + b"\0" * len(saved))[:len(saved)] if len(other) <= len(saved) else saved[::-1])
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.path.getsize(path) == stat.st_size and os.stat(path).st_mtime_ns == stat.st_mtime_ns
+    refused(capsys, out, *more, names=["1 vis image replaced", victim])
+    with open(path, "wb") as f:
+        f.write(saved)
+    shutil.copy(path, path.replace(".jpg", "_copy.jpg"))                            # added
+    refused(capsys, out, *more, names=["1 vis image added", victim.replace(".jpg", "_copy.jpg")])
+    os.remove(path.replace(".jpg", "_copy.jpg"))
+    assert cli(*more)[0] == 0 and epochs_in(out) == [0, 1]                        # the same images: it resumes
+
+
+def test_a_scrambled_cache_is_not_trained_on(tiny_root, tmp_path):
+    """The decode-once cache's bytes scrambled between a run and its resume: the resume finds the damaged rows
+    (their checksums), decodes them again, says so, and trains as the uninterrupted run did."""
+    argv = ["--data-root", tiny_root, *TINY, "--stage-one-epochs", "1", "--no-check-images"]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    assert cli(*argv, "--epochs", "2", "--out", full)[0] == 0
+    assert cli(*argv, "--epochs", "1", "--out", part)[0] == 0
+    for name in os.listdir(os.path.join(part, "cache")):
+        if name.endswith(".u8"):
+            path = os.path.join(part, "cache", name)
+            data = np.fromfile(path, dtype=np.uint8)
+            np.random.default_rng(0).permutation(data).tofile(path)
+    assert cli(*argv, "--epochs", "2", "--out", part)[0] == 0
+    log = open(os.path.join(part, "log.txt")).read()
+    assert "rows damaged (their pixels no longer match their checksum) and decoded again" in log
+    strip = lambda out: [{k: v for k, v in json.loads(r).items() if k not in ("time", "eval")}   # noqa: E731
+                         for r in open(os.path.join(out, "metrics.jsonl"))]           # part evaluated epoch 0
+    assert strip(part) == strip(full)
+    assert json.load(open(os.path.join(part, "results.json"))) == json.load(open(os.path.join(full, "results.json")))
+
+
+def tiny_checkpoint(tiny_root, tmp_path):
+    out = str(tmp_path / "run")
+    assert cli("--data-root", tiny_root, "--out", out, *TINY, "--epochs", "1", "--stage-one-epochs", "1")[0] == 0
+    return out
+
+
+def test_a_checkpoint_holding_another_archs_weights_is_one_line(tiny_root, tmp_path, capsys):
+    """A resnet18 run's checkpoint holding resnet50 weights: evaluate.py and the resume each say so in one line,
+    without a traceback or load_state_dict's size-mismatch line per tensor; so does a resnet50 --pretrained file
+    for a resnet18."""
+    import evaluate
+    out = tiny_checkpoint(tiny_root, tmp_path)
+    path = os.path.join(out, "last.pth")
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["model"] = model_module.TwoStreamNet("resnet50").state_dict()
+    torch.save(ckpt, path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        evaluate.cli(["--dataset", "synthetic", "--data-root", tiny_root, "--checkpoint", path, "--workers", "0"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and one_line(err) and path in err and "resnet50 weights" in err
+    assert "size mismatch" not in err
+    err = refused(capsys, out, "--data-root", tiny_root, "--out", out, *TINY, *TWO, names=[path, "resnet50 weights"])
+    assert one_line(err) and "size mismatch" not in err
+    weights = str(tmp_path / "r50.pth")
+    torch.save(__import__("torchvision").models.resnet50(weights=None).state_dict(), weights)
+    err = refused(capsys, str(tmp_path), "--data-root", tiny_root, "--out", str(tmp_path / "other"), *TINY, *TWO,
+                  "--pretrained", weights, names=["--pretrained", weights, "23 tensors of other shapes"])
+    assert one_line(err) and not (tmp_path / "other").exists()
+
+
+def test_checkpoint_naming_a_folder_says_so(tiny_root, tmp_path, capsys):
+    import evaluate
+    with pytest.raises(SystemExit) as exit:
+        evaluate.cli(["--dataset", "synthetic", "--data-root", tiny_root, "--checkpoint", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and one_line(err) and "--checkpoint" in err and "not a folder" in err
+
+
+def test_a_regdb_idx_path_that_is_a_folder_says_so(tmp_path, capsys):
+    from demo.synthetic import render_regdb
+    root = tmp_path / "regdb"
+    render_regdb(root, num_ids=6, height=32, width=16, seed=0)
+    index = root / "idx" / "train_visible_1.txt"
+    rel = index.read_text().splitlines()[2].rsplit(" ", 1)[0]
+    os.remove(root / rel)
+    os.makedirs(root / rel)
+    err = refused(capsys, str(tmp_path), "--dataset", "regdb", "--data-root", str(root), "--out",
+                  str(tmp_path / "run"), *TINY, *TWO, "--k1", "2", "--k2", "1",
+                  names=["train_visible_1.txt:3", str(root / rel), "is a folder", "expected an image file"])
+    assert one_line(err)
+
+
+def test_a_sysu_folder_named_like_an_image_is_named_not_skipped_silently(tiny_root, tmp_path):
+    from data.sysu import sysu_train
+    root = copy_root(tiny_root, tmp_path)
+    path = os.path.join(root, first(root, "cam1", test=False))
+    os.remove(path)
+    os.makedirs(path)
+    with pytest.warns(UserWarning, match=r"1 folder .*named like an image, e\.g\. .*" + os.path.basename(path)):
+        sysu_train(root, expected=None)
+
+
+def test_tiny_and_far_from_the_aspect_images_are_named_in_one_warning(tiny_root, tmp_path, capsys):
+    """1x1 and 10000x10 images (a training image each, and a query) train, stretched as before, but the check
+    before the first epoch names them in one warning line with their count."""
+    root = copy_root(tiny_root, tmp_path)
+    odd = [os.path.join(root, first(root, cam, test)) for cam, test in (("cam1", False), ("cam3", False),
+                                                                         ("cam3", True))]
+    for path, size in zip(odd, ((1, 1), (10000, 10), (1, 1))):
+        Image.new("RGB", size, (90, 120, 150)).save(path)
+    out = str(tmp_path / "run")
+    assert cli("--data-root", root, "--out", out, *TINY, "--epochs", "1", "--stage-one-epochs", "1")[0] == 0
+    lines = [line for line in open(os.path.join(out, "log.txt")) if "images are tiny" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: 3 of ") and "(1x1)" in lines[0]
+    assert all(p in lines[0] for p in odd) and "(10000x10)" in lines[0]
+
+
+def test_llcm_training_lists_naming_a_test_image_are_refused(tmp_path, capsys):
+    from demo.synthetic import render_llcm
+    root = tmp_path / "llcm"
+    render_llcm(root, num_ids=9, images_per_cam=1, height=32, width=16, seed=0)
+    index = root / "idx" / "train_vis.txt"
+    lines = index.read_text().splitlines()
+    test_image = next(str(p.relative_to(root)) for p in sorted((root / "test_vis").rglob("*.jpg")))
+    lines[0] = f"{test_image} {lines[0].rsplit(' ', 1)[1]}"             # the same counts: only the overlap is wrong
+    index.write_text("\n".join(lines) + "\n")
+    err = refused(capsys, str(tmp_path), "--dataset", "llcm", "--data-root", str(root), "--out",
+                  str(tmp_path / "run"), *TINY, *TWO, "--k1", "2", "--k2", "1",
+                  names=["train_vis.txt", test_image, "disjoint"])
+    assert one_line(err)
+
+
+def test_summarize_refuses_a_run_named_twice(tmp_path, capsys):
+    import evaluate
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "args.json").write_text(json.dumps({"method": "mult", "dataset": "sysu", "seed": 1}))
+    result = {"protocol": "sysu", "rerank": None, "trials": [], "mean": {m: 1.0 for m in ("R1", "R5", "R10",
+                                                                                           "R20", "mAP", "mINP")}}
+    (run / "results.json").write_text(json.dumps({"final": {"all": result}, "untrained": None}))
+    os.symlink(run, tmp_path / "link")
+    for twice in ([str(run), str(run) + "/"], [str(run), str(tmp_path / "link")]):
+        with pytest.raises(SystemExit) as exit:
+            evaluate.cli(["--summarize", *twice])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and one_line(err) and "same run folder" in err and twice[1] in err
+
+
+def fake_checkpoint(monkeypatch, height=32, width=16):
+    import evaluate
+    import features
+
+    def model_from_checkpoint(path, device, method=None):
+        return features.pixel_model, {"height": height, "width": width, "dataset": "synthetic", "method": "mult"}
+    monkeypatch.setattr(evaluate, "model_from_checkpoint", model_from_checkpoint)
+
+
+def test_evaluating_at_another_size_than_trained_says_so_in_the_table(tiny_root, tmp_path, monkeypatch, capsys):
+    import evaluate
+    fake_checkpoint(monkeypatch)
+    out = tmp_path / "eval"
+    evaluate.main(["--dataset", "synthetic", "--data-root", tiny_root, "--checkpoint", "ck.pth", "--mode", "all",
+                   "--trials", "0", "--height", "64", "--width", "32", "--workers", "0", "--out", str(out)])
+    table = capsys.readouterr().out
+    assert "note: evaluated at 64x32" in table and "trained at 32x16" in table
+    saved = json.loads((out / "results.json").read_text())["results"]["all"]
+    assert saved["input_size"] == {"evaluated": [64, 32], "trained": [32, 16]}
+    evaluate.main(["--dataset", "synthetic", "--data-root", tiny_root, "--checkpoint", "ck.pth", "--mode", "all",
+                   "--trials", "0", "--workers", "0"])
+    assert "note: evaluated at" not in capsys.readouterr().out                    # its own size: no note
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--rerank-k1", "-5"], "--rerank-k1"),                                     # without --rerank: not ignored
+    (["--rerank", "--rerank-k1", "0"], "--rerank-k1"),
+    (["--rerank", "--rerank-k2", "0"], "--rerank-k2"),
+    (["--rerank", "--rerank-lambda", "1.5"], "--rerank-lambda"),
+    (["--rerank", "--rerank-k1", "100000"], "--rerank-k1 100000"),              # beyond the test set's size
+    (["--save-ranklist", "3", "--out", "{file}/eval"], "--out"),
+    (["--out", "{file}"], "--out"),
+    (["--save-features", "{folder}"], "--save-features"),
+    (["--save-features", "{file}/feats.npz"], "--save-features"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--device", "gpu"], "--device"),
+    (["--out", "{folder}"], "a training run's"),                                # its results.json is not replaced
+])
+def test_evaluate_flags_are_checked_before_any_feature_is_extracted(tiny_root, tmp_path, monkeypatch, capsys,
+                                                                     argv, named):
+    """Every flag of evaluate.py in one line naming it, exit status 2, before a single feature is extracted (on
+    SYSU-MM01 that is a minute of work lost per mistake) and with nothing written."""
+    import evaluate
+    (tmp_path / "file").write_text("in the way")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "args.json").write_text("{}")                          # a training run's folder
+    argv = [a.format(file=tmp_path / "file", folder=tmp_path / "folder") for a in argv]
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("features were extracted before the flags were checked")
+    monkeypatch.setattr(evaluate, "extract_features", no_extraction)
+    before = snapshot(str(tmp_path))
+    with pytest.raises(SystemExit) as exit:
+        evaluate.cli(["--dataset", "synthetic", "--data-root", tiny_root, "--model", "pixels", "--mode", "all",
+                      "--trials", "0", "--workers", "0", *argv])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and one_line(err) and named in err
+    assert snapshot(str(tmp_path)) == before

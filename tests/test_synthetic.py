@@ -1,4 +1,4 @@
-"""Tests for data/synthetic.py: determinism, infrared encoding, identity signal, layouts, caching."""
+"""Tests for demo/synthetic.py: determinism, infrared encoding, identity signal, layouts, caching."""
 import hashlib
 import json
 from pathlib import Path

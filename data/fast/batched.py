@@ -1,9 +1,9 @@
 """Batched training augmentations: the steps of data/transforms.py's pipelines on a whole batch, on its device.
 
 MULT (He et al., IJCV 2024) and MBMIL (Wang et al., AAAI 2026): the pipelines of data.transforms.train_transforms,
-run on uint8 images from the decode-once cache (data/cache.py) with the per-sample parameters of data/draws.py.
-Every step is one tensor operation over the batch, or over the images that share a ColorJitter order; on the
-CPU, ToTensor's division and Normalize run in blocks of a few images that stay in the processor's cache
+run on uint8 images from the decode-once cache (data/fast/cache.py) with the per-sample parameters of
+data/fast/draws.py. Every step is one tensor operation over the batch, or over the images that share a ColorJitter
+order; on the CPU, ToTensor's division and Normalize run in blocks of a few images that stay in the processor's cache
 (normalize_). Nothing loops over images. Shapes: B images of H x W; uint8 crops [B, C, H, W] (C = 3, or 1 when
 a view keeps one channel); views float32 [B, 3, H, W].
 
@@ -13,8 +13,11 @@ Against the per-image pipeline (tests/test_batched.py checks each):
   TrainBatches's). ColorJitter runs before ToTensor on the 8-bit values, with PIL's own arithmetic: its blends
   in float32 truncated to integers, its integer grey, its 8-bit HSV (color_jitter_).
 - LinearTransform: rectangles, Beta draws, stopping step and mask M are the per-image loop's, bit for bit
-  (data/draws.py); the image is x0 * M in one product where the loop divides and multiplies region by region,
+  (data/fast/draws.py); the image is x0 * M in one product where the loop divides and multiplies region by region,
   so values agree to float32 rounding (1e-6 relative).
+On a GPU the same holds: ToTensor's / 255 is a true division there too (unit_bytes_), and the device's half
+(augment_view) reads nothing back and copies from the host without a wait, the host's half (the plan) having
+worked out every size (tests/test_fake_device.py runs it on "cuda"; bench/gpu_check.py compares a GPU's batches).
 """
 import numpy as np
 import torch
@@ -165,8 +168,8 @@ _HSV_TABLES = {}
 def hsv_tables(device="cpu"):
     """PIL's RGB -> HSV and HSV -> RGB conversions of all 2^24 8-bit triples, made by PIL itself: int32 [2^24]
     each (64 MB), the triple (a, b, c) at 65536 a + 256 b + c, its image packed the same way. Made once per
-    process (DataLoader workers forked after it share it) and copied once to each device."""
-    device = torch.device(device)
+    process (DataLoader workers forked after it share it) and copied once to each device: "cuda" and "cuda:0" are
+    the same device when 0 is the current one, and one key."""
     if "cpu" not in _HSV_TABLES:
         from PIL import Image
         every = np.arange(2 ** 24, dtype=np.uint32)
@@ -177,22 +180,30 @@ def hsv_tables(device="cpu"):
         pack = lambda t: torch.from_numpy((t[:, 0].astype(np.int32) << 16) | (t[:, 1].astype(np.int32) << 8)
                                           | t[:, 2].astype(np.int32))
         _HSV_TABLES["cpu"] = (pack(to_hsv), pack(to_rgb))
-    key = str(device)
+    key = str(resolved(device))
     if key not in _HSV_TABLES:
-        _HSV_TABLES[key] = tuple(t.to(device) for t in _HSV_TABLES["cpu"])
+        _HSV_TABLES[key] = tuple(t.to(key) for t in _HSV_TABLES["cpu"])
     return _HSV_TABLES[key]
+
+
+def resolved(device):
+    """The device a tensor made on `device` lands on: an accelerator without an index is its current one."""
+    device = torch.device(device)
+    if device.type != "cpu" and device.index is None:
+        return torch.device(device.type, getattr(torch, device.type).current_device())
+    return device
 
 
 # ---------------------------------------------------------------------------------------------------
 # LinearTransform (after ToTensor), in place
 
 def linear_(x, masks):
-    """x *= M, M expanded from each image's grid of cells (data.draws.LinearMasks): x float [n, 3, H, W]."""
+    """x *= M, M expanded from each image's grid of cells (data.fast.draws.LinearMasks): x float [n, 3, H, W]."""
     n, _, height, width = x.shape
-    m = masks.mask.to(x.device)                                  # [n, 3, G_y, G_x]
+    m = _on(masks.mask, x.device)                                # [n, 3, G_y, G_x]
     gy = m.shape[2]
-    m = torch.gather(m, 3, masks.columns.to(x.device)[:, None, None, :].expand(n, 3, gy, width))  # [n, 3, G_y, W]
-    rows = masks.rows.to(x.device)[:, None, :] + torch.arange(n * 3, device=x.device).view(n, 3, 1) * gy
+    m = torch.gather(m, 3, _on(masks.columns, x.device)[:, None, None, :].expand(n, 3, gy, width))  # [n, 3, G_y, W]
+    rows = _on(masks.rows, x.device)[:, None, :] + torch.arange(n * 3, device=x.device).view(n, 3, 1) * gy
     m = m.view(n * 3 * gy, width).index_select(0, rows.view(-1))                   # [n 3 H, W]
     return x.mul_(m.view(n, 3, height, width))
 
@@ -209,20 +220,27 @@ CPU_BLOCK_BYTES = 2 << 20
 def normalize_(x, chan, mean, std, from_bytes=False):
     """TF.normalize in place: plane p of image i is channel chan[i, p]; x float [n, C, H, W].
 
-    from_bytes: x holds the 8-bit values 0 .. 255, and ToTensor's / 255 comes first (the same division).
-    On the CPU this runs in blocks of images of about CPU_BLOCK_BYTES, each block through all its passes
-    while it is in the processor's cache, instead of each pass streaming the whole batch through memory:
+    from_bytes: x holds the 8-bit values 0 .. 255, and ToTensor's / 255 comes first (the same division,
+    unit_bytes_). On the CPU this runs in blocks of images of about CPU_BLOCK_BYTES, each block through all its
+    passes while it is in the processor's cache, instead of each pass streaming the whole batch through memory:
     every step is per element, so the blocks change no value.
     """
-    chan = chan.to(x.device)
+    chan = _on(chan, x.device)
     mean, std = mean[chan][:, :, None, None], std[chan][:, :, None, None]
     step = max(1, len(x) if x.device.type != "cpu" else CPU_BLOCK_BYTES * len(x) // max(x.nbytes, 1))
     for i in range(0, len(x), step):
         block = x[i:i + step]
         if from_bytes:
-            block.div_(255)
+            unit_bytes_(block)
         block.sub_(mean[i:i + step]).div_(std[i:i + step])
     return x
+
+
+def unit_bytes_(x):
+    """ToTensor's x / 255 in place, x float holding 8-bit values. The divisor is a tensor on x's device: CUDA
+    multiplies by the float32 reciprocal of a number (or of a CPU scalar), which puts 126 of the 256 byte values
+    1 ulp off the true quotient that PIL's ToTensor computes on the host; a device tensor gets a true division."""
+    return x.div_(torch.full((), 255.0, dtype=x.dtype, device=x.device))
 
 
 def erase_(x, chan, rect, fill):
@@ -230,37 +248,54 @@ def erase_(x, chan, rect, fill):
 
     x: float [n, C, H, W]; chan: int64 [n, C]; rect: int64 CPU [n, 4], h = 0 for no erasing; fill: float32 [3].
     Only the rows the rectangles cross are read and written (x * 1 + 0 outside, x * 0 + fill inside: exact).
+    The host's half (erase_rows, in the plan) and the device's (erase_rows_).
     """
     n, c, height, width = x.shape
+    return erase_rows_(x, erase_rows(chan, rect, c, height, width), fill)
+
+
+def erase_rows(chan, rect, planes, height, width):
+    """The host half of erase_, from CPU tensors: which images are erased and how many rows of the [n C H, W] view
+    that makes, None if none: {"hit": int64 [k] the images, "rect": int64 [k, 4], "chan": int64 [k C] the channel
+    whose fill each of their planes takes, "total": the rows, an int}. A few bytes, whatever the rectangles' size:
+    the rows themselves are laid out on the device, which needs only `total` to do so without a wait."""
     hit = torch.nonzero(rect[:, 2] > 0).squeeze(1)
     if not hit.numel():
+        return None
+    return {"hit": hit, "rect": rect[hit], "chan": chan[hit].reshape(-1), "total": int(rect[hit, 2].sum()) * planes}
+
+
+def erase_rows_(x, rows, fill):
+    """The device half of erase_: x float [n, C, H, W] in place, rows from erase_rows (None: nothing erased);
+    fill float32 [3] on x's device. Every size is known on the host (output_size), so nothing is read back."""
+    if rows is None:
         return x
-    top, left, h, w = rect[hit].unbind(1)
+    n, c, height, width = x.shape
+    dev, total = x.device, rows["total"]
+    hit, chan = _on(rows["hit"], dev), _on(rows["chan"], dev)
+    top, left, h, w = _on(rows["rect"], dev).unbind(1)
     reps = h.repeat_interleave(c)                                # rows per (erased image, plane)
-    total = int(reps.sum())
-    first = (hit[:, None] * c + torch.arange(c)).reshape(-1) * height + top.repeat_interleave(c)
+    first = (hit[:, None] * c + torch.arange(c, device=dev)).reshape(-1) * height + top.repeat_interleave(c)
     starts = torch.cumsum(reps, 0) - reps
-    dev = x.device
-    reps, first, starts = reps.to(dev), first.to(dev), starts.to(dev)
     row = first.repeat_interleave(reps, output_size=total) \
         + torch.arange(total, device=dev) - starts.repeat_interleave(reps, output_size=total)   # [R] flat rows
     cols = torch.arange(width, device=dev)
-    left, w = left.to(dev), w.to(dev)
-    inside = ((cols >= left[:, None]) & (cols < (left + w)[:, None])).to(x.dtype)          # [n_hit, W]
+    inside = ((cols >= left[:, None]) & (cols < (left + w)[:, None])).to(x.dtype)          # [k, W]
     inside = inside.repeat_interleave(c, dim=0).repeat_interleave(reps, dim=0, output_size=total)   # [R, W]
-    value = fill[chan.to(dev)[hit.to(dev)].reshape(-1)].repeat_interleave(reps, output_size=total)[:, None]
-    rows = x.view(n * c * height, width)
-    band = rows.index_select(0, row)
+    value = fill[chan].repeat_interleave(reps, output_size=total)[:, None]
+    flat = x.view(n * c * height, width)
+    band = flat.index_select(0, row)
     band.mul_(1 - inside).addcmul_(inside, value)
-    rows.index_copy_(0, row, band)
+    flat.index_copy_(0, row, band)
     return x
 
 
 def grey_(x, grey):
-    """ChannelAdapGray's / ChannelExchange's grey in place for images grey[i]: data.transforms._grey in all three."""
-    g = torch.nonzero(grey).squeeze(1)
+    """ChannelAdapGray's / ChannelExchange's grey in place for images grey[i]: data.transforms._grey in all three.
+    grey: bool [n], or (from a plan) int64 [k] the images' indices, on the host."""
+    g = torch.nonzero(grey).squeeze(1) if grey.dtype == torch.bool else grey
     if g.numel():
-        g = g.to(x.device)
+        g = _on(g, x.device)
         y = x.index_select(0, g)
         one = 0.2989 * y[:, 0] + 0.5870 * y[:, 1] + 0.1140 * y[:, 2]          # the same operations, same order
         x.index_copy_(0, g, one[:, None].expand(-1, 3, -1, -1).contiguous())
@@ -268,15 +303,15 @@ def grey_(x, grey):
 
 
 def augment_view(parts, mean, std, fill, shape):
-    """One view's device steps from its plan (data.loader.CachedTrainBatches.plan): float32 `shape` [B, 3, H, W].
+    """One view's device steps from its plan (data.fast.loader.CachedTrainBatches.plan): float32 `shape` [B, 3, H, W].
 
     parts: the view's images in parts (all of one crop), each {"crop": uint8 [m, C, H, W], "pos": int64 [m]
     batch positions, "jitter": (sequences, factors) or None, "linear": LinearMasks or None, "tail": groups},
     a group {"idx": rows of the part, "chan": int64 [k, 1 or 3] the channel each output plane is, "rect",
-    "grey", "all": the group is the whole part}: a part's images go through ColorJitter and LinearTransform
-    (ToTensor's division just before it), then each group through ToTensor's division where it has not run yet,
-    Normalize, erasing and the channel step. C = 1 crops one channel: the channel a group keeps, or (grey
-    images) the one channel all three repeat.
+    "grey", "all": the group is the whole part, "erase": erase_rows', "grey_rows": the grey images' indices}: a
+    part's images go through ColorJitter and LinearTransform (ToTensor's division just before it), then each group
+    through ToTensor's division where it has not run yet, Normalize, erasing and the channel step. C = 1 crops one
+    channel: the channel a group keeps, or (grey images) the one channel all three repeat.
     """
     dev = mean.device
     first = parts[0]
@@ -291,30 +326,36 @@ def augment_view(parts, mean, std, fill, shape):
 
 def _part(part, mean, std, fill, out):
     dev = mean.device
-    x = part["crop"].to(dev, non_blocking=True).to(torch.float32)          # [m, C, H, W], the 8-bit values
+    x = _on(part["crop"], dev).to(torch.float32)                         # [m, C, H, W], the 8-bit values
     if part["jitter"] is not None:                                        # ColorJitter, before ToTensor
         seqs, factors = part["jitter"]
-        color_jitter_(x, seqs, factors.to(dev))
+        color_jitter_(x, seqs, _on(factors, dev))
     linear = part["linear"]
     if linear is not None:                       # LinearTransform works on ToTensor's values: divide first
-        x.div_(255)
+        unit_bytes_(x)
         linear_(x, linear)
     for g in part["tail"]:
-        idx, three = g["idx"].to(dev), g["chan"].shape[1] == 3
+        idx, three = _on(g["idx"], dev), g["chan"].shape[1] == 3
         if x.shape[1] == 3 and not three:
-            y = x[idx, g["chan"][:, 0].to(dev)][:, None]                      # the kept channel
+            y = x[idx, _on(g["chan"][:, 0], dev)][:, None]                    # the kept channel
         elif x.shape[1] == 1 and three:
             y = x.index_select(0, idx).expand(-1, 3, -1, -1).contiguous()     # a grey image's one channel
         else:
             y = x if g["all"] else x.index_select(0, idx)
         normalize_(y, g["chan"], mean, std, from_bytes=linear is None)        # with ToTensor's / 255 if not yet
-        erase_(y, g["chan"], g["rect"], fill)
+        erase_rows_(y, g["erase"], fill)
         if y.shape[1] == 3:
-            grey_(y, g["grey"])
+            grey_(y, g["grey_rows"])
         if out is None:
             return y
-        _write(out, part["pos"].to(dev)[idx], y, part["in_order"] and g["all"])
+        _write(out, _on(part["pos"], dev)[idx], y, part["in_order"] and g["all"])
     return out
+
+
+def _on(t, device):
+    """t on `device`; a copy from the host does not wait for the device (pinned plans are copied by DMA; a
+    pageable source is staged by the driver before the call returns)."""
+    return t.to(device, non_blocking=t.device.type == "cpu")
 
 
 def _write(out, pos, x, whole):

@@ -1,7 +1,7 @@
 """Per-sample augmentation parameters for the batched pipeline, drawn with the very calls of data/transforms.py.
 
 MULT (He et al., IJCV 2024) and MBMIL (Wang et al., AAAI 2026): the training pipelines of
-`data.transforms.train_transforms`. data/batched.py applies each step to a whole batch at once; its parameters
+`data.transforms.train_transforms`. data/fast/batched.py applies each step to a whole batch at once; its parameters
 are drawn here sample by sample, from the generator the per-image pipeline uses (data/loader.py:
 np.random.default_rng([seed, b, j]) for visible image j of batch b, v0's steps then v1's; [seed, b, j, 1] for
 the infrared one), with the same calls in the same order. Every sample therefore gets the crop, flip, jitter
@@ -20,7 +20,7 @@ inside a rectangle is > 0, and the loop ends when min(M) <= tmin, M the product 
 3. the loop runs on the grid, all images in step, finds each image's stopping rectangle, and rewinds its
    generator to the state saved there; images still running draw 8 more rectangles and repeat; one still
    running after 64 (an all-black crop never stops) runs the per-image loop itself.
-The resulting M (with its grid) is the per-image loop's mask bit for bit; data/batched.py multiplies.
+The resulting M (with its grid) is the per-image loop's mask bit for bit; data/fast/batched.py multiplies.
 """
 import math
 from dataclasses import dataclass
@@ -153,7 +153,7 @@ def resolve_linear(lt, crops, gate, rngs, zeros, pad, first=16, more=8, limit=64
     crops: uint8 CPU tensor [B, 3, H, W], the padded, cropped, flipped images (x = crops / 255 is its input)
     gate:  bool [B], the transform's own first draw (draw_linear_gate) said it runs
     rngs:  B np.random.Generators, each right after that draw; left right after the loop's last draw
-    zeros: int [B, 3], 0 values of each channel of the source image (data.cache.ImageCache.zeros); pad: the
+    zeros: int [B, 3], 0 values of each channel of the source image (data.fast.cache.ImageCache.zeros); pad: the
            crop's pad
     first, more: rectangles drawn ahead per image in the first round, and added per further round
     limit: an image still running after this many rectangles (rare: a 288 x 144 image needs 6 to 28; an

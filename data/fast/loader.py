@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..loader import TrainBatches, _check_batches, _check_images, _check_rows, _check_seed, sample_generator
 from . import draws
-from .batched import augment_view, crop, hsv_tables, jitter_sequences, normalize_
+from .batched import augment_view, crop, erase_rows, hsv_tables, jitter_sequences, normalize_
 from .cache import ImageCache
 
 
@@ -24,17 +24,20 @@ class CachedImageDataset(Dataset):
     cached rows; use with DataLoader(dataset, batch_size=None).
 
     images:     ImageList, [N], every path a row of `cache`
-    cache:      data.cache.ImageCache holding those images resized as `transform` resizes them
+    cache:      data.fast.cache.ImageCache holding those images resized as `transform` resizes them
     transform:  data.transforms.test_transform (Resize, ToTensor, Normalize): its Resize is the cache's, so
                 image i equals ImageDataset(images, transform)[i] bit for bit (the same operations on the same
                 uint8 pixels), without decoding or resizing it again
     batch_size: images per item
+    as_bytes:   items hold the cached uint8 images instead, x uint8 [b, 3, H, W], a quarter of the bytes through
+                the workers' shared memory, pinning and the copy to the device; normalize(x), on the device, makes
+                them the float32 images above (the same operations)
     """
 
-    def __init__(self, images, cache, transform, batch_size):
+    def __init__(self, images, cache, transform, batch_size, as_bytes=False):
         _check_images(images, "images")
         if not isinstance(cache, ImageCache):
-            raise TypeError(f"cache must be a data.cache.ImageCache, got {type(cache).__name__}")
+            raise TypeError(f"cache must be a data.fast.cache.ImageCache, got {type(cache).__name__}")
         steps = getattr(transform, "steps", [])
         if [type(t).__name__ for t in steps] != ["Resize", "ToTensor", "Normalize"]:
             raise ValueError(f"transform must be data.transforms.test_transform (Resize, ToTensor, Normalize), "
@@ -51,7 +54,7 @@ class CachedImageDataset(Dataset):
             raise ValueError(f"{len(missing)} of the {len(images)} images are not in the cache {cache}, the first "
                              f"{missing[0]}")
         self.rows = torch.tensor([where[os.path.abspath(p)] for p in images.paths], dtype=torch.int64)
-        self.cache, self.batch_size = cache, batch_size
+        self.cache, self.batch_size, self.as_bytes = cache, batch_size, as_bytes
         self.mean, self.std = torch.tensor(steps[2].mean), torch.tensor(steps[2].std)     # float32, as TF.normalize
 
     def __len__(self):
@@ -61,31 +64,38 @@ class CachedImageDataset(Dataset):
         if not 0 <= k < len(self):
             raise IndexError(f"batch {k} out of range 0..{len(self) - 1}")
         index = torch.arange(k * self.batch_size, min((k + 1) * self.batch_size, len(self.rows)))
-        x = self.cache.images.index_select(0, self.rows[index]).to(torch.float32)
-        return normalize_(x, torch.arange(3).expand(len(x), 3), self.mean, self.std, from_bytes=True), index
+        x = self.cache.images.index_select(0, self.rows[index])                             # uint8 [b, 3, H, W]
+        return (x if self.as_bytes else self.normalize(x)), index
+
+    def normalize(self, x):
+        """ToTensor + Normalize of cached images on their device: uint8 [b, 3, H, W] -> float32 [b, 3, H, W]."""
+        dev = x.device
+        x = x.to(torch.float32)
+        return normalize_(x, torch.arange(3).expand(len(x), 3), self.mean.to(dev, non_blocking=True),
+                          self.std.to(dev, non_blocking=True), from_bytes=True)
 
 
 class CachedTrainBatches(Dataset):
     """Item b -> the batch TrainBatches gives, from the decode-once caches, augmented as a batch on `device`.
 
-    vis, ir:    data.cache.ImageCache of the N_v visible and N_r infrared training rows (rows in the order of the
+    vis, ir:    data.fast.cache.ImageCache of the N_v visible and N_r infrared training rows (rows in the order of the
                 ImageLists), built at the pipelines' size and Resize interpolation
     transforms: {"v0", "v1", "r"} from data.transforms.train_transforms, the dict TrainBatches takes
     batches:    int64 [num_batches, B, 2] from data.samplers (visible row, infrared row)
-    seed:       int >= 0: the generators of TrainBatches (module docstring), drawn by data/draws.py with the
+    seed:       int >= 0: the generators of TrainBatches (module docstring), drawn by data/fast/draws.py with the
                 same calls in the same order, so each sample's crop, flip, jitter, rectangles and channels
                 are TrainBatches's
     device:     where the augmentation runs and the batch is returned
     first_position: the global position of column 0 of `batches` (a rank's share of each batch)
     Item b: dict(v0=[B, 3, H, W], v1=[B, 3, H, W], r=[B, 3, H, W] float32, vis_index=int64 [B],
     ir_index=int64 [B]), all on `device`. An item is plan(b) (CPU: draws, uint8 crops, LinearTransform's masks;
-    safe in DataLoader workers) then augment(plan) (device: data/batched.py); cached_loader splits the two.
+    safe in DataLoader workers) then augment(plan) (device: data/fast/batched.py); cached_loader splits the two.
     """
 
     def __init__(self, vis, ir, transforms, batches, seed, device="cpu", first_position=0):
         for name, cache in (("vis", vis), ("ir", ir)):
             if not isinstance(cache, ImageCache):
-                raise TypeError(f"{name} must be a data.cache.ImageCache (data.cache.build_cache), "
+                raise TypeError(f"{name} must be a data.fast.cache.ImageCache (data.fast.cache.build_cache), "
                                 f"got {type(cache).__name__}")
         keys = ("v0", "v1", "r")
         if not isinstance(transforms, dict) or not all(k in transforms for k in keys):
@@ -107,6 +117,10 @@ class CachedTrainBatches(Dataset):
         if any(rec.jitter is not None and rec.jitter.values[3] for rec in self.recipes.values()):
             hsv_tables(self.device)        # made here once, so that DataLoader workers forked later share them
         self.first = int(first_position)    # a share of the global batch: position j here is first + j there
+        # Each view's Normalize and erasing values on the device once, not copied there again every batch.
+        self.constants = {key: (torch.tensor(rec.mean, device=self.device), torch.tensor(rec.std, device=self.device),
+                                rec.erase.fill.to(self.device) if rec.erase is not None
+                                else torch.zeros(3, device=self.device)) for key, rec in self.recipes.items()}
 
     def __len__(self):
         return len(self.batches)
@@ -129,8 +143,9 @@ class CachedTrainBatches(Dataset):
         return plan
 
     def augment(self, plan):
-        """The device half: the batch dict of plan(b) on self.device."""
-        batch = {k: plan[k].to(self.device) for k in ("vis_index", "ir_index")}
+        """The device half: the batch dict of plan(b) on self.device. Nothing in it reads the device back, and
+        every copy from the host is queued without a wait (tests/test_fake_device.py)."""
+        batch = {k: plan[k].to(self.device, non_blocking=True) for k in ("vis_index", "ir_index")}
         for key in ("v0", "v1", "r"):
             batch[key] = self._augment_view(key, plan[key], len(plan["vis_index"]))
         return batch
@@ -148,10 +163,8 @@ class CachedTrainBatches(Dataset):
         return times
 
     def _augment_view(self, key, view, n):
-        rec, dev = self.recipes[key], self.device
-        mean, std = torch.tensor(rec.mean, device=dev), torch.tensor(rec.std, device=dev)
-        fill = rec.erase.fill.to(dev) if rec.erase is not None else torch.zeros(3, device=dev)
-        return augment_view(view, mean, std, fill, (n, 3, rec.height, rec.width))
+        rec = self.recipes[key]
+        return augment_view(view, *self.constants[key], (n, 3, rec.height, rec.width))
 
 
 def cached_loader(data, num_workers=0):
@@ -169,13 +182,15 @@ def cached_loader(data, num_workers=0):
 def training_loader(vis, ir, transforms, batches, seed, first_position=0, input="cached", device="cpu",
                     num_workers=0):
     """The batches of train.py's --input: "cached", CachedTrainBatches from the images' caches (vis.cache,
-    ir.cache) augmented on `device`, or "pil", the per-image reference TrainBatches; the same batches."""
+    ir.cache) augmented on `device`, or "pil", the per-image reference TrainBatches; the same batches. For a GPU
+    the batches (pil) or plans (cached) come in pinned memory, so that their copies to the device need no wait."""
     if input == "cached":
         data = CachedTrainBatches(vis.cache, ir.cache, transforms, batches, seed=seed, device=device,
                                   first_position=first_position)
         return cached_loader(data, num_workers=num_workers)
     data = TrainBatches(vis, ir, transforms, batches, seed=seed, first_position=first_position)
-    return DataLoader(data, batch_size=None, shuffle=False, num_workers=num_workers)
+    return DataLoader(data, batch_size=None, shuffle=False, num_workers=num_workers,
+                      pin_memory=torch.device(device).type == "cuda")
 
 
 class _Plans(Dataset):
@@ -203,7 +218,7 @@ class _Augmented:
 
 def _plan_view(rec, cache, rows, rngs):
     """Draws of one view for every sample (each from its own generator, in the per-image order) and its
-    uint8 crops, as parts for data.batched.augment_view. A view with LinearTransform crops all three channels
+    uint8 crops, as parts for data.fast.batched.augment_view. A view with LinearTransform crops all three channels
     in order; one with ColorJitter crops colour images whole and grey images (three equal channels, where
     PIL's saturation and hue change nothing) as one channel, each sorted by jitter order; one with neither
     crops each image's kept channels only (one for ChannelExchange and ChannelAdapGray's channel draw)."""
@@ -236,7 +251,8 @@ def _plan_view(rec, cache, rows, rngs):
             jitter = ([seqs[j] for j in idx.tolist()],
                       torch.tensor([heads[j][4] for j in idx.tolist()], dtype=torch.float64))   # as drawn
         return {"crop": cropped, "pos": idx, "in_order": len(idx) == n and bool((idx == everyone).all()),
-                "jitter": jitter, "linear": masks if cropped is x else None, "tail": _tail_groups(mix[idx], rect[idx])}
+                "jitter": jitter, "linear": masks if cropped is x else None,
+                "tail": _tail_groups(mix[idx], rect[idx], rec.height, rec.width)}
 
     if rec.linear is not None:
         return [part(everyone, cropped=x)]
@@ -250,14 +266,18 @@ def _plan_view(rec, cache, rows, rngs):
             ((torch.nonzero(single).squeeze(1), mix), (torch.nonzero(~single).squeeze(1), None)) if idx.numel()]
 
 
-def _tail_groups(mix, rect):
-    """A part's images by the planes their tail writes: one kept channel (mix 0..2), or three."""
+def _tail_groups(mix, rect, height, width):
+    """A part's images by the planes their tail writes: one kept channel (mix 0..2), or three; with what the
+    device's half needs worked out here on the host (the erased rows, the images to grey), so that it reads
+    nothing back."""
     groups = []
     single = (mix >= 0) & (mix <= 2)
     for keep in (single, ~single):
         idx = torch.nonzero(keep).squeeze(1)
         if idx.numel():
             chan = mix[idx][:, None] if keep is single else torch.arange(3).expand(len(idx), 3)
-            groups.append({"idx": idx, "all": len(idx) == len(mix), "chan": chan.contiguous(), "rect": rect[idx],
-                           "grey": mix[idx] == 3})
+            chan = chan.contiguous()
+            groups.append({"idx": idx, "all": len(idx) == len(mix), "chan": chan, "rect": rect[idx],
+                           "grey": mix[idx] == 3, "grey_rows": torch.nonzero(mix[idx] == 3).squeeze(1),
+                           "erase": erase_rows(chan, rect[idx], chan.shape[1], height, width)})
     return groups
