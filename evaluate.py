@@ -40,7 +40,7 @@ from data.transforms import RESIZE
 from features import extract_features, pixel_model
 from metrics import METRICS, eval_llcm, eval_regdb, eval_sysu, pairwise_distance, re_ranking
 from plumbing.checkpoints import model_from_checkpoint
-from plumbing.checks import check_device
+from plumbing.checks import check_evaluate_flags
 from plumbing.cli import run as run_cli
 from plumbing.device import configure as configure_device, fixed_algorithms
 from plumbing.curves import plot_runs
@@ -397,7 +397,7 @@ def main(argv=None):
         print(f"{args.out}: the curves of {len(args.plot)} runs: "
               + "; ".join(f"{label} ({', '.join(folders)})" for label, folders in groups))
         return groups
-    _check_args(args)
+    check_evaluate_flags(args)
     args.data_root = args.data_root or ROOTS[args.dataset]
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     configure_device(args.device)                  # TF32 convolutions, IEEE float32 matrix products (CUDA)
@@ -455,66 +455,6 @@ def write_json(results, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(results, f, indent=2)
-
-
-def _check_args(args):
-    """The command-line combinations argparse cannot refuse, one sentence each (--summarize is checked by
-    reports.summarize_runs)."""
-    if args.save_ranklist < 0 or args.ranklist_images < 0:
-        raise SystemExit("--save-ranklist and --ranklist-images take a count >= 0")
-    if args.save_ranklist and not args.out:
-        raise SystemExit("--save-ranklist needs --out DIR (where the rank lists go)")
-    if args.ranklist_images and not args.save_ranklist:
-        raise SystemExit("--ranklist-images M needs --save-ranklist K (the gallery images shown per query)")
-    if args.direction and args.dataset != "llcm" and not args.from_features:
-        raise SystemExit(f"--direction applies to --dataset llcm only (got --dataset {args.dataset})")
-    if not (args.model or args.checkpoint or args.from_features):
-        raise SystemExit("give --model pixels, --checkpoint PATH, --from-features PATH or --summarize RUN...")
-    # Every flag is checked here, before a feature is extracted: a mistake must not cost the extraction.
-    def need(ok, flag, expected):
-        if not ok:
-            raise SystemExit(f"evaluate.py: error: {flag} must be {expected}, got "
-                             f"{getattr(args, flag[2:].replace('-', '_'))!r}")
-    for flag, value in (("--rerank-k1", args.rerank_k1), ("--rerank-k2", args.rerank_k2)):
-        need(value is None or value >= 1, flag, "an integer >= 1 (the re-ranking neighbours)")
-    need(args.rerank_lambda is None or 0 <= args.rerank_lambda <= 1, "--rerank-lambda", "in [0, 1]")
-    given = [f for f in ("rerank_k1", "rerank_k2", "rerank_lambda") if getattr(args, f) is not None]
-    if given and not args.rerank:
-        logger.warning("note: %s apply with --rerank only; this evaluation does not re-rank (add --rerank)",
-                       ", ".join(f"--{f.replace('_', '-')} {getattr(args, f)}" for f in given))
-    need(args.batch_size >= 1, "--batch-size", "an integer >= 1")
-    need(args.workers >= 0, "--workers", "an integer >= 0")
-    need(args.height is None or args.height >= 16, "--height", ">= 16 (the backbone downsamples 16x)")
-    need(args.width is None or args.width >= 8, "--width", ">= 8 (the backbone downsamples 16x)")
-    need(args.dataset != "regdb" or 1 <= args.trial <= 10, "--trial", "in 1..10 (the RegDB split)")
-    need(not args.checkpoint or not os.path.isdir(args.checkpoint), "--checkpoint",
-         "a checkpoint file written by train.py, not a folder (e.g. RUN/last.pth)")
-    need(not args.from_features or os.path.isfile(args.from_features), "--from-features",
-         "an .npz file written by --save-features")
-    need(not args.save_features or not os.path.isdir(args.save_features), "--save-features",
-         "a file name (.npz), not a folder")
-    if args.save_features:
-        _check_writable(os.path.dirname(os.path.abspath(args.save_features)), "--save-features", args.save_features)
-    if args.out:
-        _check_writable(args.out, "--out", args.out)
-        held = [f for f in ("last.pth", "args.json") if os.path.isfile(os.path.join(args.out, f))]
-        need(not held, "--out", f"a folder other than a training run's (it holds {', '.join(held)}: its "
-                                f"results.json would be replaced), e.g. {os.path.join(args.out, 'eval')}")
-    if args.device is not None:
-        check_device(args.device, "evaluate.py")
-
-
-def _check_writable(folder, flag, value):
-    """SystemExit naming `flag` unless `folder` is a folder this process can write into, or can be made one
-    (its nearest existing parent is such a folder); nothing is created here."""
-    path = os.path.abspath(folder)
-    while not os.path.lexists(path):
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
-        raise SystemExit(f"evaluate.py: error: {flag} {value}: {path} is a file; expected a folder there")
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise SystemExit(f"evaluate.py: error: {flag} {value}: cannot write into {path} (permission denied or a "
-                         f"read-only file system); expected a folder this user can write")
 
 
 def cli(argv=None):

@@ -4,8 +4,8 @@
     tests = test_sets("regdb", "datasets/RegDB", trial=3)               # {setting: (query, gallery)}
     images = test_images("sysu", "datasets/SYSU-MM01")                 # every test image an evaluation reads
 
-"synthetic" is the demo's SYSU-MM01-layout set (demo/synthetic.py), rendered on first use; a folder holding a set
-rendered by demo/synthetic.py (its synthetic.json) is checked against the counts it recorded, a real dataset
+"synthetic" is the demo's SYSU-MM01-layout set, which demo/synthetic.py renders (train.py does on first use); a
+folder holding a rendered set (its SYNTHETIC_META file) is checked against the counts it recorded, a real dataset
 against the official counts (SYSU-MM01, LLCM; `allow_count_mismatch` accepts others).
 """
 import json
@@ -13,18 +13,16 @@ import os
 
 ROOTS = {"sysu": "datasets/SYSU-MM01", "regdb": "datasets/RegDB", "llcm": "datasets/LLCM",
          "synthetic": "datasets/synthetic"}   # the default --data-root of train.py and evaluate.py
+SYNTHETIC_META = "synthetic.json"             # what demo/synthetic.py writes last into a folder it renders
 
 
 def training_set(dataset, root, trial=None, allow_count_mismatch=False):
-    """(vis, ir) ImageLists of the training split; the synthetic demo set is rendered first if missing."""
+    """(vis, ir) ImageLists of the training split."""
     if dataset == "regdb":
         from .regdb import regdb_train
         return regdb_train(root, trial)
     layout = "llcm" if dataset == "llcm" else "sysu"
-    meta = _synthetic_meta(root, dataset, layout)
-    if dataset == "synthetic":   # the demo set: rendered if missing, again if of an older format, same sizes
-        from demo.synthetic import ensure_synthetic
-        meta = ensure_synthetic(root, progress=True, **(meta["args"] if meta else {}))
+    meta = synthetic_meta(root, dataset)
     if layout == "llcm":
         from .llcm import LLCM_TRAIN_COUNTS as official, llcm_train as read
     else:
@@ -63,10 +61,11 @@ def test_images(dataset, root, trial=None):
     return [sysu_test(root, mode="all", trial=0)[0], sysu_gallery_candidates(root, "all")]
 
 
-def _synthetic_meta(root, dataset, layout):
-    """The synthetic.json of a set demo/synthetic.py rendered in `root`, or None; never another layout's set."""
-    from demo.synthetic import META
-    path = os.path.join(root, META)
+def synthetic_meta(root, dataset):
+    """The SYNTHETIC_META of a set demo/synthetic.py rendered in `root` (its arguments and counts), or None; a set of
+    another layout than `dataset` reads is refused."""
+    layout = {"regdb": "regdb", "llcm": "llcm"}.get(dataset, "sysu")
+    path = os.path.join(root, SYNTHETIC_META)
     if not os.path.isfile(path):
         return None
     with open(path) as f:

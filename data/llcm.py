@@ -32,7 +32,7 @@ import warnings
 
 import numpy as np
 
-from .common import IR, VIS, ImageList, list_images, read_id_file
+from .common import IR, VIS, ImageList, describe_skipped, list_images, read_id_file
 from .sysu import sysu_gallery_draw
 
 LLCM_TRAIN_COUNTS = {"ids": 713, "vis": 16946, "ir": 13975}
@@ -156,13 +156,15 @@ def _test_images(root, modality):
     """Every test image of one modality: ids sorted, then cameras, then file names (the official order)."""
     folder = os.path.join(root, TEST_FOLDERS[modality])
     cams = _test_cameras(folder, modality)
-    paths, pids, camids = [], [], []
+    paths, pids, camids, skipped = [], [], [], []
     for pid in _test_ids(root):
         for cam in cams:
-            files = _image_files(os.path.join(folder, f"cam{cam}", f"{pid:04d}"))
+            files = list_images(os.path.join(folder, f"cam{cam}", f"{pid:04d}"), skipped)
             paths += files
             pids += [pid] * len(files)
             camids += [cam] * len(files)
+    if skipped:
+        warnings.warn("LLCM test set: " + describe_skipped(skipped, root))
     return ImageList(paths, pids, camids, modality)
 
 

@@ -38,8 +38,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from data.common import IR, VIS
+from data.datasets import SYNTHETIC_META
 
-META = "synthetic.json"          # written last into a rendered folder; data.datasets reads it back
+META = SYNTHETIC_META            # written last into a rendered folder; data.datasets reads it back
 FORMAT_VERSION = 2            # 2: infrared follows visible luminance in part (NIR_FROM_LUMA)
 LUMA = np.array([0.299, 0.587, 0.114])   # ITU-R BT.601, as PIL's convert("L")
 NIR_FROM_LUMA = 0.8

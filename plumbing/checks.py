@@ -17,9 +17,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.common import file_keys, read_image, unusable
-from data.datasets import test_images, test_sets, training_set
+from data.datasets import synthetic_meta, test_images, test_sets, training_set
 from data.fast.cache import training_caches
 from data.regdb import REGDB_TRIALS
+from demo.synthetic import ensure_synthetic
 from plumbing import runs
 from plumbing.checkpoints import initial_weights
 
@@ -187,6 +188,69 @@ def shm_free_bytes():
     return stat.f_bavail * stat.f_frsize
 
 
+def check_evaluate_flags(args):
+    """evaluate.py's flags, every one before a feature is extracted (a mistake must not cost the extraction):
+    SystemExit naming the flag, or a warning for a flag that has no effect. --summarize and --plot are checked by
+    the functions that read their runs (reports.summarize_runs, curves.plot_runs)."""
+    def stop(message):
+        raise SystemExit(f"evaluate.py: error: {message}")
+    if args.save_ranklist < 0 or args.ranklist_images < 0:
+        stop("--save-ranklist and --ranklist-images take a count >= 0")
+    if args.save_ranklist and not args.out:
+        stop("--save-ranklist needs --out DIR (where the rank lists go)")
+    if args.ranklist_images and not args.save_ranklist:
+        stop("--ranklist-images M needs --save-ranklist K (the gallery images shown per query)")
+    if args.direction and args.dataset != "llcm" and not args.from_features:
+        stop(f"--direction applies to --dataset llcm only (got --dataset {args.dataset})")
+    if not (args.model or args.checkpoint or args.from_features):
+        stop("give --model pixels, --checkpoint PATH, --from-features PATH, --summarize RUN... or --plot RUN...")
+
+    def need(ok, flag, expected):
+        if not ok:
+            raise SystemExit(f"evaluate.py: error: {flag} must be {expected}, got "
+                             f"{getattr(args, flag[2:].replace('-', '_'))!r}")
+    for flag, value in (("--rerank-k1", args.rerank_k1), ("--rerank-k2", args.rerank_k2)):
+        need(value is None or value >= 1, flag, "an integer >= 1 (the re-ranking neighbours)")
+    need(args.rerank_lambda is None or 0 <= args.rerank_lambda <= 1, "--rerank-lambda", "in [0, 1]")
+    given = [f for f in ("rerank_k1", "rerank_k2", "rerank_lambda") if getattr(args, f) is not None]
+    if given and not args.rerank:
+        log.warning("note: %s apply with --rerank only; this evaluation does not re-rank (add --rerank)",
+                    ", ".join(f"--{f.replace('_', '-')} {getattr(args, f)}" for f in given))
+    need(args.batch_size >= 1, "--batch-size", "an integer >= 1")
+    need(args.workers >= 0, "--workers", "an integer >= 0")
+    need(args.height is None or args.height >= 16, "--height", ">= 16 (the backbone downsamples 16x)")
+    need(args.width is None or args.width >= 8, "--width", ">= 8 (the backbone downsamples 16x)")
+    need(args.dataset != "regdb" or 1 <= args.trial <= 10, "--trial", "in 1..10 (the RegDB split)")
+    need(not args.checkpoint or not os.path.isdir(args.checkpoint), "--checkpoint",
+         "a checkpoint file written by train.py, not a folder (e.g. RUN/last.pth)")
+    need(not args.from_features or os.path.isfile(args.from_features), "--from-features",
+         "an .npz file written by --save-features")
+    need(not args.save_features or not os.path.isdir(args.save_features), "--save-features",
+         "a file name (.npz), not a folder")
+    if args.save_features:
+        check_writable(os.path.dirname(os.path.abspath(args.save_features)), "--save-features", args.save_features)
+    if args.out:
+        check_writable(args.out, "--out", args.out)
+        held = [f for f in ("last.pth", "args.json") if os.path.isfile(os.path.join(args.out, f))]
+        need(not held, "--out", f"a folder other than a training run's (it holds {', '.join(held)}: its "
+                                f"results.json would be replaced), e.g. {os.path.join(args.out, 'eval')}")
+    if args.device is not None:
+        check_device(args.device, "evaluate.py")
+
+
+def check_writable(folder, flag, value):
+    """SystemExit naming `flag` unless `folder` is a folder this process can write into, or can be made one
+    (its nearest existing parent is such a folder); nothing is created here."""
+    path = os.path.abspath(folder)
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise SystemExit(f"evaluate.py: error: {flag} {value}: {path} is a file; expected a folder there")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise SystemExit(f"evaluate.py: error: {flag} {value}: cannot write into {path} (permission denied or a "
+                         f"read-only file system); expected a folder this user can write")
+
+
 # ---------------------------------------------------------------------------------------------------
 # The run, prepared
 
@@ -227,9 +291,12 @@ def check_data(args):
     skipped), which the run's log repeats."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        if args.dataset == "synthetic":     # the demo's set: rendered on first use, again if of an older format
+            meta = synthetic_meta(args.data_root, args.dataset)
+            ensure_synthetic(args.data_root, progress=True, **(meta["args"] if meta else {}))
         vis, ir = training_set(args.dataset, args.data_root, args.trial, args.allow_count_mismatch)
         tests = check_test_set(args)
-    return vis, ir, tests, [str(w.message) for w in caught]
+    return vis, ir, tests, list(dict.fromkeys(str(w.message) for w in caught))   # once each, though read per trial
 
 
 def check_test_set(args):

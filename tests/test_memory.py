@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memory import (ClusterMemory, HybridMemory, apply_updates, global_loss, intra_loss,
+from memory import (ClusterMemory, HybridMemory, apply_updates, global_loss, intra_loss, mult_banks,
                     multi_positive_loss, sce, split_prototypes, stage_one_loss, stage_two_loss)
 
 
@@ -134,6 +134,22 @@ def test_cluster_errors():
 
 
 # ----------------------------------------------------------------------------- MULT losses
+
+def test_mult_banks_start_from_their_label_spaces_centers():
+    """Stage one: M_v, M_r; stage two adds M_{r->v}, M_{c,v} over the visible clusters and M_{v->r}, M_{c,r} over
+    the infrared ones (docs/mult.md §7.3), each a fresh normalised copy of its centers."""
+    gen = torch.Generator().manual_seed(4)
+    c_v, c_r = torch.randn(5, 8, generator=gen), torch.randn(3, 8, generator=gen)
+    one = mult_banks(c_v, c_r, stage_two=False, momentum=0.3, temp=0.1)
+    assert sorted(one) == ["ir", "vis"]
+    two = mult_banks(c_v, c_r, stage_two=True)
+    space = {"vis": c_v, "ir_to_vis": c_v, "unified_vis": c_v, "ir": c_r, "vis_to_ir": c_r, "unified_ir": c_r}
+    assert sorted(two) == sorted(space)
+    for name, centers in space.items():
+        torch.testing.assert_close(two[name].bank, F.normalize(centers, dim=1))
+    assert two["vis"].bank is not two["unified_vis"].bank                     # updated apart
+    assert (one["vis"].momentum, one["vis"].temp) == (0.3, 0.1)
+
 
 def test_stage_one_loss_hand_computed():
     gen = torch.Generator().manual_seed(1)

@@ -676,6 +676,25 @@ def test_a_sysu_folder_named_like_an_image_is_named_not_skipped_silently(tiny_ro
         sysu_train(root, expected=None)
 
 
+def test_an_llcm_test_folder_named_like_an_image_is_named_once(tmp_path):
+    """A folder where LLCM's test set has an image is named in the warning, and the check before the first epoch
+    repeats a reader's warning once, though the test lists are read once per trial."""
+    from argparse import Namespace
+    from data.llcm import llcm_test
+    from demo.synthetic import render_llcm
+    from plumbing import checks
+    root = tmp_path / "llcm"
+    render_llcm(root, num_ids=9, images_per_cam=1, height=32, width=16, seed=0)
+    path = sorted((root / "test_nir").rglob("*.jpg"))[0]
+    path.unlink()
+    path.mkdir()
+    with pytest.warns(UserWarning, match=r"LLCM test set: .*1 folder .*named like an image, e\.g\. .*" + path.name):
+        llcm_test(str(root), "i2v", 0)
+    args = Namespace(dataset="llcm", data_root=str(root), trial=None, allow_count_mismatch=False, eval_trials=3)
+    warned = checks.check_data(args)[3]
+    assert len([w for w in warned if "LLCM test set" in w]) == 1
+
+
 def test_tiny_and_far_from_the_aspect_images_are_named_in_one_warning(tiny_root, tmp_path, capsys):
     """1x1 and 10000x10 images (a training image each, and a query) train, stretched as before, but the check
     before the first epoch names them in one warning line with their count."""

@@ -9,6 +9,7 @@ import evaluate
 import memory
 import train
 from data.datasets import training_set
+from plumbing import checks
 from demo.synthetic import render_sysu
 
 TINY = ["--arch", "resnet18", "--pretrained", "none", "--height", "32", "--width", "16", "--k1", "6", "--k2", "2",
@@ -111,7 +112,7 @@ def test_synthetic_set_of_an_older_format_is_rerendered_and_another_layout_kept(
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps(dict(meta, version=synthetic.FORMAT_VERSION - 1)))
     args = train.resolve_args(train.get_args_parser().parse_args(["--data-root", str(root), "--out", str(tmp_path)]))
-    vis, ir = training_set(args.dataset, args.data_root)
+    vis, ir, _, _ = checks.check_data(args)             # renders the demo's set on first use
     fresh = json.loads(meta_path.read_text())
     assert fresh["version"] == synthetic.FORMAT_VERSION and fresh["args"] == meta["args"]   # same sizes, new format
     assert len(vis) == meta["train_counts"]["vis"] and len(ir) == meta["train_counts"]["ir"]
