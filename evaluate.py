@@ -40,7 +40,7 @@ from data.transforms import RESIZE
 from features import extract_features, pixel_model
 from metrics import METRICS, eval_llcm, eval_regdb, eval_sysu, pairwise_distance, re_ranking
 from plumbing.checkpoints import model_from_checkpoint
-from plumbing.checks import check_evaluate_flags
+from plumbing.checks import check_evaluate_flags, check_writable
 from plumbing.cli import run as run_cli
 from plumbing.device import configure as configure_device, fixed_algorithms
 from plumbing.curves import plot_runs
@@ -385,6 +385,8 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     setup_logging()
     if args.summarize:
+        if args.out:
+            check_writable(args.out, "--out", args.out)
         text, summary = summarize_runs(args.summarize)
         print(text)
         if args.out:
@@ -393,6 +395,8 @@ def main(argv=None):
                 f.write(text + "\n")
         return summary
     if args.plot:
+        if args.out:
+            check_writable(os.path.dirname(os.path.abspath(args.out)), "--out", args.out)
         groups = plot_runs(args.plot, args.out)
         print(f"{args.out}: the curves of {len(args.plot)} runs: "
               + "; ".join(f"{label} ({', '.join(folders)})" for label, folders in groups))

@@ -8,6 +8,7 @@ stops with one line naming the flag or file before it trains, not after.
 import logging
 import os
 import sys
+import tempfile
 import time
 import warnings
 
@@ -38,6 +39,9 @@ def resolve_args(args, parser, preset):
     check_world(args)
     if args.out is None:
         args.out = runs.default_out(args, preset_args(args, parser, preset))
+    check_writable(args.out, "--out", args.out, "train.py")
+    if args.input == "cached" and args.cache_dir:
+        check_writable(args.cache_dir, "--cache-dir", args.cache_dir, "train.py")
     return args
 
 
@@ -238,17 +242,22 @@ def check_evaluate_flags(args):
         check_device(args.device, "evaluate.py")
 
 
-def check_writable(folder, flag, value):
-    """SystemExit naming `flag` unless `folder` is a folder this process can write into, or can be made one
-    (its nearest existing parent is such a folder); nothing is created here."""
+def check_writable(folder, flag, value, program="evaluate.py"):
+    """SystemExit naming `flag` unless `folder` is a folder this process can write into, or can be made one (its
+    nearest existing parent is such a folder). It is found out by creating an unnamed temporary file there, which
+    the file system removes at once: os.access answers yes to root even where writing fails (under /proc, or on some
+    network and FUSE mounts)."""
     path = os.path.abspath(folder)
     while not os.path.lexists(path):
         path = os.path.dirname(path)
     if not os.path.isdir(path):
-        raise SystemExit(f"evaluate.py: error: {flag} {value}: {path} is a file; expected a folder there")
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise SystemExit(f"evaluate.py: error: {flag} {value}: cannot write into {path} (permission denied or a "
-                         f"read-only file system); expected a folder this user can write")
+        raise SystemExit(f"{program}: error: {flag} {value}: {path} is a file; expected a folder there")
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise SystemExit(f"{program}: error: {flag} {value}: cannot write into {path} ({err.strerror}); "
+                         f"expected a folder this user can write") from None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -96,7 +96,7 @@ def test_cache_file_reused_refreshed_and_checked(tiny, tmp_path):
     # a changed file (new content, size and mtime): that row is decoded again, and the summary names it
     picture(999, size=(30, 40)).save(paths[2], quality=80)
     changed = build_cache(images, H, W, path=path, progress=False)
-    assert "1 changed files decoded again" in changed.summary and paths[2] in changed.summary
+    assert "1 file changed, decoded again" in changed.summary and paths[2] in changed.summary
     assert np.array_equal(changed.images[2].numpy(), decode_resized(paths[2], H, W))
     assert torch.equal(changed.images[:2], first.images[:2])
     current = build_cache(images, H, W, path=path, progress=False)
@@ -565,7 +565,7 @@ def test_a_replaced_image_of_the_same_size_and_mtime_is_decoded_again(tiny, tmp_
     os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))          # and its modification time restored
     assert (os.path.getsize(victim), os.stat(victim).st_mtime_ns) == (st.st_size, st.st_mtime_ns)
     again = build_cache(images, H, W, path=path, progress=False)
-    assert "1 changed files decoded again" in again.summary and victim in again.summary
+    assert "1 file changed, decoded again" in again.summary and victim in again.summary
     assert np.array_equal(again.images[row].numpy(), decode_resized(donor, H, W))
     os.chmod(donor, 0o600)                                        # a new ctime, the same bytes: not decoded
     assert "same content" in build_cache(images, H, W, path=path, progress=False).summary

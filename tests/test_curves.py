@@ -188,7 +188,8 @@ def fake_run(folder, dataset="synthetic", records=None):
     return folder
 
 
-@pytest.mark.parametrize("case", ["datasets", "twice", "not a run", "no out", "not a picture", "bad line"])
+@pytest.mark.parametrize("case", ["datasets", "twice", "not a run", "no out", "not a picture", "bad line",
+                                  "unwritable"])
 def test_plot_refuses_in_one_line(tmp_path, capsys, case):
     a, b = fake_run(str(tmp_path / "a")), fake_run(str(tmp_path / "b"), dataset="sysu")
     png = str(tmp_path / "out.png")
@@ -200,6 +201,7 @@ def test_plot_refuses_in_one_line(tmp_path, capsys, case):
         "no out": (["--plot", a], "--plot needs --out FILE ending in .png"),
         "not a picture": (["--plot", a, "--out", str(tmp_path / "out.txt")], "got --out"),
         "bad line": (["--plot", a, "--out", png], "metrics.jsonl line 3 is not an epoch record of train.py"),
+        "unwritable": (["--plot", a, "--out", "/proc/vireid.png"], "--out /proc/vireid.png: cannot write into /proc"),
     }[case]
     if case == "bad line":
         with open(os.path.join(a, "metrics.jsonl"), "a") as f:

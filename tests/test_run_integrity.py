@@ -212,7 +212,9 @@ def test_init_from_refuses_another_stage_one(tiny_root, tmp_path, capsys):
     (["--seed", "-1"], "--seed"), (["--lr-steps", "x"], "--lr-steps"),
     (["--dataset", "regdb", "--trial", "11"], "--trial"),
     (["--resume", "nowhere.pth"], "--resume"), (["--init-from", "nowhere.pth"], "--init-from"),
-    (["--overwrite"], "--overwrite"), (["--method", "mbmil", "--global-k1", "7"], "--global-k1")])
+    (["--overwrite"], "--overwrite"), (["--method", "mbmil", "--global-k1", "7"], "--global-k1"),
+    (["--out", "/proc/vireid-run"], "--out /proc/vireid-run: cannot write"),      # os.access says yes to root there
+    (["--cache-dir", "/proc/vireid-cache"], "--cache-dir /proc/vireid-cache: cannot write")])
 def test_bad_flags_refused_before_anything_is_written(tiny_root, tmp_path, capsys, argv, named):
     out = tmp_path / "run"
     refused(capsys, str(tmp_path), "--data-root", tiny_root, "--out", str(out), *TINY, *TWO, *argv, names=[named])
@@ -739,6 +741,11 @@ def test_summarize_refuses_a_run_named_twice(tmp_path, capsys):
             evaluate.cli(["--summarize", *twice])
         err = capsys.readouterr().err
         assert exit.value.code == 2 and one_line(err) and "same run folder" in err and twice[1] in err
+    with pytest.raises(SystemExit) as exit:                         # the table is not printed, then lost
+        evaluate.cli(["--summarize", str(run), "--out", "/proc/vireid-summary"])
+    captured = capsys.readouterr()
+    assert exit.value.code == 2 and one_line(captured.err) and "--out /proc/vireid-summary" in captured.err
+    assert captured.out == ""
 
 
 def fake_checkpoint(monkeypatch, height=32, width=16):
@@ -773,6 +780,7 @@ def test_evaluating_at_another_size_than_trained_says_so_in_the_table(tiny_root,
     (["--rerank", "--rerank-k1", "100000"], "--rerank-k1 100000"),              # beyond the test set's size
     (["--save-ranklist", "3", "--out", "{file}/eval"], "--out"),
     (["--out", "{file}"], "--out"),
+    (["--save-ranklist", "3", "--out", "/proc/vireid-eval"], "--out"),        # os.access says yes to root there
     (["--save-features", "{folder}"], "--save-features"),
     (["--save-features", "{file}/feats.npz"], "--save-features"),
     (["--batch-size", "0"], "--batch-size"),

@@ -264,11 +264,16 @@ def _reuse(path, images, keys, rows, shape, interpolation, workers, progress):
         del pixels
     if not (redo or renamed):
         return facts, None
-    names = lambda rows: ", ".join(images.paths[i] for i in rows[:3]) + (" ..." if len(rows) > 3 else "")  # noqa
-    parts = [f"{len(changed)} changed files decoded again ({names(changed)})"] * bool(changed)
+
+    def names(some):
+        return ", ".join(images.paths[i] for i in some[:3]) + (" ..." if len(some) > 3 else "")
+
+    def files(n):
+        return f"{n} file{'s' * (n != 1)}"
+    parts = [f"{files(len(changed))} changed, decoded again ({names(changed)})"] * bool(changed)
     parts += [f"{len(damaged)} of {len(rows)} rows damaged (their pixels no longer match their checksum) and "
               f"decoded again ({names(damaged)})"] * bool(damaged)
-    parts += [f"{len(renamed)} files with a new ctime or inode but the same content"] * bool(renamed)
+    parts += [f"{files(len(renamed))} with a new ctime or inode but the same content"] * bool(renamed)
     return facts, f"image cache {path}: reused, " + "; ".join(parts)
 
 
