@@ -38,14 +38,14 @@ import torch
 from data.datasets import ROOTS
 from data.transforms import RESIZE
 from features import extract_features, pixel_model
-from metrics import METRICS, eval_llcm, eval_regdb, eval_sysu, pairwise_distance, re_ranking
+from metrics import METRICS, RERANK_DEFAULTS, eval_llcm, eval_regdb, eval_sysu, pairwise_distance, re_ranking
 from plumbing.checkpoints import model_from_checkpoint
 from plumbing.checks import check_evaluate_flags, check_writable
 from plumbing.cli import run as run_cli
 from plumbing.device import configure as configure_device, fixed_algorithms
 from plumbing.curves import plot_runs
 from plumbing.logs import setup as setup_logging
-from plumbing.reports import format_table, summarize_runs, write_ranklist_index, write_trial_ranklists
+from plumbing.reports import format_table, summarize_runs, write_ranklist_index, write_summary, write_trial_ranklists
 
 logger = logging.getLogger("evaluate")
 
@@ -206,7 +206,7 @@ def _evaluate_runs(extracted, runs, info, save_features=None, save_ranklist=0, r
     if save_features:
         _save_features(save_features, extracted, runs, info)
     if rerank is not None:
-        rerank = {"k1": 20, "k2": 6, "lambda_value": 0.3, **rerank}
+        rerank = {**RERANK_DEFAULTS, **rerank}
     protocol = info["protocol"]
     feats, pids, camids = extracted["feats"], extracted["pids"], extracted["camids"]
     results, pages, q_q = {}, [], None
@@ -306,7 +306,7 @@ def _check_rerank(rerank, sizes):
         return
     n = min(q + g for q, g in sizes)
     for flag, key, high in (("--rerank-k1", "k1", n - 1), ("--rerank-k2", "k2", n)):
-        value = rerank.get(key, {"k1": 20, "k2": 6}[key])
+        value = rerank.get(key, RERANK_DEFAULTS[key])
         if isinstance(value, (int, np.integer)) and not 1 <= value <= high:
             raise ValueError(f"{flag} {value}: re-ranking needs 1..{high} here (the smallest trial has {n} query "
                              f"and gallery images)")
@@ -386,17 +386,15 @@ def main(argv=None):
     setup_logging()
     if args.summarize:
         if args.out:
-            check_writable(args.out, "--out", args.out)
+            check_writable(args.out, "--out", args.out, "evaluate.py")
         text, summary = summarize_runs(args.summarize)
         print(text)
         if args.out:
-            write_json(summary, os.path.join(args.out, "summary.json"))
-            with open(os.path.join(args.out, "summary.txt"), "w") as f:
-                f.write(text + "\n")
+            write_summary(args.out, text, summary)
         return summary
     if args.plot:
         if args.out:
-            check_writable(os.path.dirname(os.path.abspath(args.out)), "--out", args.out)
+            check_writable(os.path.dirname(os.path.abspath(args.out)), "--out", args.out, "evaluate.py")
         groups = plot_runs(args.plot, args.out)
         print(f"{args.out}: the curves of {len(args.plot)} runs: "
               + "; ".join(f"{label} ({', '.join(folders)})" for label, folders in groups))

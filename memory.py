@@ -213,10 +213,7 @@ def apply_updates(banks, updates, check=True):
     for name, feats, labels in reversed(updates):
         if name not in banks:
             raise KeyError(f"apply_updates: update for bank {name!r}, banks have {sorted(banks)}")
-        if check:
-            banks[name].update(feats, labels)
-        else:
-            banks[name].update(feats, labels, check=False)
+        banks[name].update(feats, labels, check=check)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -165,7 +165,7 @@ def _check_metric_inputs(distmat, max_rank, q_pids, g_pids, *camids):
     return (distmat, int(max_rank), *ids, *[None] * (4 - len(ids)))
 
 
-# ----------------------------------------------------------------------------- re-ranking (numpy / scipy)
+# ----------------------------------------------------------------------------- the test distance
 def pairwise_distance(q, g):
     """Squared Euclidean distance of unit rows (docs/mult.md (9.2)), 2 - 2 q.g, in float64:
     q [Q, D], g [G, D] -> [Q, G]."""
@@ -190,9 +190,10 @@ def _check_unit_rows(x, name):
     return x
 
 
-
-
 # ----------------------------------------------------------------------------- re-ranking (numpy / scipy)
+RERANK_DEFAULTS = {"k1": 20, "k2": 6, "lambda_value": 0.3}   # re_ranking's: those of Zhong et al. on Market-1501
+
+
 def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3):
     """k-reciprocal re-ranking (Zhong et al., "Re-ranking Person Re-identification with k-reciprocal
     Encoding", CVPR 2017, §3), as its widely used Python version computes it -> final distance [Q, G].

@@ -296,11 +296,11 @@ def train_mbmil(net, optimizer, loaders, mems, pseudo, epoch, args, batches):
     -> {"loss", "loss_intra", "loss_global" (stage two), "loss_per_iteration"} of the global batch."""
     net.train()
     world = distributed.World.of(args)
-    gather = distributed.Gather(world)            # rows of every rank's share, in global position order
+    gather = partial(distributed.gather_rows, world=world)   # rows of every rank's share, in global position order
     (lo, hi), (g_lo, g_hi) = (distributed.share(b.shape[1], world) for b in batches[:1] + batches[-1:])
     intra, glob, protos = pseudo["clusters"], pseudo.get("global"), mems.get("prototypes")   # host labels
     intra_loss = partial(memory.intra_loss, margin=args.intra_margin, hybrid=args.intra_loss == "hybrid",
-                         batch_mean=distributed.GlobalMean(world))      # its clamp acts on the global batch's mean
+                         batch_mean=partial(distributed.global_mean, world=world))   # clamped on the global mean
     pairs = zip(*loaders) if len(loaders) == 2 else ((b, None) for b in loaders[0])
     losses = LossReadout(epoch, world)
     for it, (batch, gbatch) in enumerate(losses.progress(pairs, total=len(loaders[0]))):
@@ -433,14 +433,14 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     setup_logging(world.main)
     if args.trial == "all":
-        return run_all_splits(args, world, resolve_args, preset_args, train, learning_rate)
+        return run_all_splits(args, world, resolve_args, train, learning_rate)
     return train(args, world)
 
 
 def train(args, world):
     """One run: its preparation (rank 0), the epochs, the report. Rank 0 alone checks, logs and writes."""
     with ExitStack() as hold:                   # the run folder stays held until the run ends, however it ends
-        run = distributed.on_rank_zero(world, checks.prepare_run, args, hold, preset_args(args), learning_rate,
+        run = distributed.on_rank_zero(world, checks.prepare_run, args, hold, learning_rate,
                                        transforms.RESIZE[args.method])
         torch.manual_seed(args.seed)
         np.random.seed(args.seed)
@@ -449,7 +449,7 @@ def train(args, world):
         if world.size > 1 and args.sync_bn:
             distributed.global_batch_norm(model)                  # BN statistics of the whole global batch
         optimizer = make_optimizer(model, args)
-        state = checkpoints.restore(model, optimizer, run, args, world)
+        state = checkpoints.restore(model, optimizer, run, args)
         net = distributed.parallel(model, world)
         with runs.run_log(args, run, state, preset_args(args), world.main) as run_log:
             if run["plan"]["mode"] == "fresh" and args.eval_untrained and world.main:   # the curve's reference
@@ -461,7 +461,8 @@ def train(args, world):
                 state["history"].append(run_epoch(net, model, optimizer, run, epoch, state, args, world))
                 if world.main:
                     checkpoints.save_epoch(model, optimizer, args, state, run_log)
-                    curves.refresh_run_curves(args.out, state["history"][-1], state["untrained"])   # never a stop
+                    if epoch < args.epochs - 1:                     # the final report draws the last one
+                        curves.refresh_run_curves(args.out, state["history"][-1], state["untrained"])
             if not world.main:
                 return None
             if state["results"] is None:   # a finished run whose checkpoint has no results: evaluate it now
@@ -476,10 +477,8 @@ def run_epoch(net, model, optimizer, run, epoch, state, args, world):
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(epoch, args)
     record = (mult_epoch if args.method == "mult" else mbmil_epoch)(net, optimizer, run["vis"], run["ir"], epoch, args)
-    if record is None:
-        log.info(f"epoch {epoch}: DBSCAN found no cluster (eps {args.eps}); this epoch trains nothing and the model "
-                 f"is unchanged. If this persists, raise --eps or check the features.")
-        record = {"stage": 1 if epoch < args.stage_one_epochs else 2, "skipped": "no clusters"}
+    if record is None:                      # DBSCAN found no cluster: the model stays as it is
+        record = reports.skipped_epoch(epoch, args)
     last = epoch == args.epochs - 1
     if world.main and (last or (epoch + 1) % args.eval_every == 0):
         results = evaluate_run(model, args, args.eval_trials if last else 1)

@@ -314,7 +314,7 @@ def main(args):
             height, width, pad, clusters, instances, arch, augment, cpu_pairs = PRESETS[preset]
             arch = args.arch or arch
             pairs = clusters * instances
-            interpolation = "bilinear" if args.method == "mult" else "bicubic"
+            interpolation = transforms.RESIZE[args.method]
             caches = None
             if "cached" in args.input:
                 from data.fast.cache import build_cache

@@ -36,6 +36,7 @@ labels and similarities on both sides, so its row compares label_transfer alone.
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -55,6 +56,7 @@ from model import TwoStreamNet  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpu_runs  # noqa: E402
+from gpu_runs import synchronize  # noqa: E402
 
 # Sizes per device type, applied before the command line (the command line wins). "cuda": SYSU-MM01's training
 # set and train.py's SYSU preset; "cpu": small enough for CI, well under a minute on 2 cores.
@@ -331,8 +333,8 @@ def time_training(args, device, amp, channels_last):
     images = [torch.randn(b, 3, args.height, args.width, generator=g).to(device, memory_format=fmt)
               for _ in range(3)]                                              # v0, v1, r: [B, 3, H, W] each
     banks = {m: memory.ClusterMemory(torch.randn(k, d, generator=g).to(device)) for m in ("vis", "ir")}
-    y_v, y_r = (torch.randperm(k, generator=g)[:args.clusters].repeat_interleave(args.instances).to(device)
-                for _ in range(2))                                            # [B] each, clusters x instances
+    y_v, y_r = (torch.randperm(k, generator=g)[:args.clusters].repeat_interleave(args.instances).numpy()
+                for _ in range(2))                      # [B] each, clusters x instances, on the host as train.py's
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(args.warmup):
@@ -343,18 +345,19 @@ def time_training(args, device, amp, channels_last):
         loss = stage_one_step(model, optimizer, banks, images, y_v, y_r, amp, device)
     synchronize(device)
     dt = (time.perf_counter() - t) / max(args.iters, 1)
+    loss = finite(loss)                                                       # read once, after the timing
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {"s_per_iter": dt, "images_per_s": 3 * b / dt, "peak_gb": peak,
             "detail": f"last loss {loss:.3f} (same images each step)"}
 
 
 def stage_one_step(model, optimizer, banks, images, y_v, y_r, amp, device):
-    """One training iteration as train.py's: forward, stage-one loss in float32, Adam step, memory update.
-    Returns the loss as a float (a device sync, as train.py's loss.item())."""
+    """One training iteration as train.py's, without a wait for the device: forward, stage-one loss in float32,
+    Adam step, memory update (host labels, unchecked). Returns the loss, a device tensor."""
     loss, updates = memory.stage_one_loss(banks, *forward(model, images, amp, device), y_v, y_r)
     optimise(optimizer, loss)
-    memory.apply_updates(banks, updates)
-    return loss.item()
+    memory.apply_updates(banks, updates, check=False)
+    return loss.detach()
 
 
 def forward(model, images, amp, device):
@@ -366,9 +369,15 @@ def forward(model, images, amp, device):
     return f.float().split(v0.shape[0])
 
 
+def finite(loss):
+    """A loss read back as a float; FloatingPointError if it is not finite."""
+    value = float(loss)
+    if not math.isfinite(value):
+        raise FloatingPointError(f"gpu_check: the loss is {value}")
+    return value
+
+
 def optimise(optimizer, loss):
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"gpu_check: the loss is {loss.item()}")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -404,7 +413,7 @@ def one_epoch(args, device):
     rows[-1]["detail"] = f"iterations {lt.sinkhorn_iters} {lt.prop_iters}"
     banks = phase("memories", stage_two_banks, feat_v, feat_r, lab_v, lab_r, detail="six ClusterMemory banks")
     mixed = lt.mixed(0.7)
-    hard = {k: torch.as_tensor(v, device=device) for k, v in
+    hard = {k: np.asarray(v, dtype=np.int64) for k, v in          # on the host, as train.py keeps them
             (("vis", lt.labels_v), ("ir", lt.labels_r), ("vis_to_ir", lt.cross_v), ("ir_to_vis", lt.cross_r))}
     soft = {"vis": mixed.soft_v, "ir": mixed.soft_r, "vis_to_ir": mixed.soft_cross_v, "ir_to_vis": mixed.soft_cross_r}
     rng = np.random.default_rng(args.seed)
@@ -449,23 +458,22 @@ def stage_two_banks(feat_v, feat_r, lab_v, lab_r):
 
 def train_stage_two(model, optimizer, banks, batches, hard, soft, args, device):
     """The stage-two iterations of train.py's train_mult on fixed generated images, the rows of each batch
-    indexing the pseudo-labels. Returns the losses."""
+    indexing the pseudo-labels (hard ones on the host, soft ones on the device), without a wait for the device
+    until the end. Returns the losses."""
     model.train()
     amp, b = AMP[args.epoch_precision], batches.shape[1]
     g = torch.Generator().manual_seed(args.seed)
     images = [torch.randn(b, 3, args.height, args.width, generator=g).to(device) for _ in range(3)]   # v0, v1, r
     idx = torch.as_tensor(batches, device=device)                             # [iters, B, 2]
-    losses = []
+    losses, side = [], {k: 0 if k.startswith("vis") else 1 for k in hard}     # visible rows carry "vis*" labels
     for it in range(len(batches)):
-        vi, ri = idx[it, :, 0], idx[it, :, 1]                                 # [B], [B]
-        rows = {k: vi if k.startswith("vis") else ri for k in hard}
         loss, _, updates = memory.stage_two_loss(banks, *forward(model, images, amp, device),
-                                                 {k: hard[k][i] for k, i in rows.items()},
-                                                 {k: soft[k][i] for k, i in rows.items()}, STAGE_TWO_EPOCH)
+                                                 {k: y[batches[it, :, side[k]]] for k, y in hard.items()},
+                                                 {k: soft[k][idx[it, :, side[k]]] for k in hard}, STAGE_TWO_EPOCH)
         optimise(optimizer, loss)
-        memory.apply_updates(banks, updates)
-        losses.append(loss.item())
-    return losses
+        memory.apply_updates(banks, updates, check=False)
+        losses.append(loss.detach())
+    return [finite(x) for x in torch.stack(losses).tolist()] if losses else []
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -497,11 +505,6 @@ def make_features(n_v, n_r, dim, ids, seed, latent=64, spread=1.1, noise=0.6, di
 def note(text):
     """Progress on stderr, one line per step (the tables go to stdout)."""
     print(text, file=sys.stderr, flush=True)
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def release(device):

@@ -148,7 +148,7 @@ def augment_check(args, device, note, work):
     vis, ir = make_sources(os.path.join(work, "augment"), 2 * pairs, (w, h), args.seed)
     rows = []
     for method, stage in PIPELINES:
-        way = "bicubic" if method == "mbmil" else "bilinear"
+        way = T.RESIZE[method]
         caches = [build_cache(images, h, w, way, progress=False) for images in (vis, ir)]
         tfm = T.train_transforms(h, w, stage, method=method, pad=T.crop_pad(h))
         batches = index_batches(len(vis), len(ir), pairs, args.augment_batches, np.random.default_rng(args.seed))

@@ -341,7 +341,7 @@ def train_transforms(height, width, stage, method="mult", pad=10):
     if method not in ("mult", "mbmil"):
         raise ValueError(f"method must be 'mult' or 'mbmil', got {method!r}")
 
-    interpolation = "bilinear" if method == "mult" else "bicubic"
+    interpolation = RESIZE[method]
 
     def geo():
         return [Resize(height, width, interpolation), Pad(pad), RandomCrop(height, width),

@@ -115,13 +115,13 @@ def model_from_checkpoint(path, device="cpu", method=None):
     return model.modality_fn(), meta
 
 
-def restore(model, optimizer, run, args, world):
-    """The run's state: fresh, or its checkpoint's model, optimizer, RNG, next epoch and history (rank 0 read the
-    checkpoint while preparing the run; the other ranks read it now). -> {"start", "history", "untrained",
-    "results"}; "results" only for a finished run."""
+def restore(model, optimizer, run, args):
+    """The run's state: fresh, or its checkpoint's model, optimizer, RNG, next epoch and history, read by every rank
+    from the file rank 0 checked while preparing the run (a broadcast would send the whole optimizer state through
+    rank 0's device). -> {"start", "history", "untrained", "results"}; "results" only for a finished run."""
     state = {"start": 0, "history": [], "untrained": None, "results": None, "training_set": run.get("training_set")}
     plan = run["plan"]
-    ckpt = run.pop("ckpt", None) if world.main else load_checkpoint(plan["path"]) if plan["mode"] != "fresh" else None
+    ckpt = load_checkpoint(plan["path"]) if plan["mode"] != "fresh" else None
     if ckpt is None:
         return state
     model.load_state_dict(ckpt["model"])

@@ -3,7 +3,7 @@ held and planned, the data listed and every image decoded, the initial weights a
 stops with one line naming the flag or file before it trains, not after.
 
     args = resolve_args(args, parser, preset)          # presets, then every flag in its range
-    run = prepare_run(args, hold, preset_args, learning_rate, interpolation)   # rank 0, before any training
+    run = prepare_run(args, hold, learning_rate, interpolation)   # rank 0, before any training
 """
 import logging
 import os
@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 import warnings
+from functools import partial
 
 import numpy as np
 import torch
@@ -32,14 +33,16 @@ log = logging.getLogger(__name__)
 # Flags
 
 def resolve_args(args, parser, preset):
-    """Every flag left unset from the presets, every flag checked, the run folder named (runs.default_out).
+    """Every flag left unset from the presets, every flag checked, the run folder named (runs.default_out; left
+    None for --trial all without --out, whose splits are named one by one).
     parser: the entry point's argparse parser; preset(method, dataset) -> {flag: value}."""
     args = fill_presets(args, preset)
     check_flags(args)
     check_world(args)
-    if args.out is None:
+    if args.out is None and args.trial != "all":   # RegDB's ten splits: each split names its own folder
         args.out = runs.default_out(args, preset_args(args, parser, preset))
-    check_writable(args.out, "--out", args.out, "train.py")
+    if args.out is not None:
+        check_writable(args.out, "--out", args.out, "train.py")
     if args.input == "cached" and args.cache_dir:
         check_writable(args.cache_dir, "--cache-dir", args.cache_dir, "train.py")
     return args
@@ -90,12 +93,16 @@ def parse_ints(text, flag, minimum):
 MIN_HEIGHT, MIN_WIDTH = 16, 8   # the backbone downsamples 16x (last stride 1); smaller leaves no feature map
 
 
+def _need(program, args, ok, flag, expected):
+    """SystemExit "<program>: error: <flag> must be <expected>, got <its value>" unless `ok`."""
+    if not ok:
+        raise SystemExit(f"{program}: error: {flag} must be {expected}, got "
+                         f"{getattr(args, flag[2:].replace('-', '_'))!r}")
+
+
 def check_flags(args):
     """Every flag in its range, before anything is read or written: SystemExit naming the flag."""
-    def need(ok, flag, expected):
-        if not ok:
-            value = getattr(args, flag.lstrip("-").replace("-", "_"))
-            raise SystemExit(f"train.py: error: {flag} must be {expected}, got {value!r}")
+    need = partial(_need, "train.py", args)
     if args.dataset == "regdb":
         need(args.trial in REGDB_TRIALS or args.trial == "all", "--trial",
              "in 1..10 or all for RegDB (one model per split)")
@@ -208,11 +215,7 @@ def check_evaluate_flags(args):
         stop(f"--direction applies to --dataset llcm only (got --dataset {args.dataset})")
     if not (args.model or args.checkpoint or args.from_features):
         stop("give --model pixels, --checkpoint PATH, --from-features PATH, --summarize RUN... or --plot RUN...")
-
-    def need(ok, flag, expected):
-        if not ok:
-            raise SystemExit(f"evaluate.py: error: {flag} must be {expected}, got "
-                             f"{getattr(args, flag[2:].replace('-', '_'))!r}")
+    need = partial(_need, "evaluate.py", args)
     for flag, value in (("--rerank-k1", args.rerank_k1), ("--rerank-k2", args.rerank_k2)):
         need(value is None or value >= 1, flag, "an integer >= 1 (the re-ranking neighbours)")
     need(args.rerank_lambda is None or 0 <= args.rerank_lambda <= 1, "--rerank-lambda", "in [0, 1]")
@@ -222,9 +225,9 @@ def check_evaluate_flags(args):
                     ", ".join(f"--{f.replace('_', '-')} {getattr(args, f)}" for f in given))
     need(args.batch_size >= 1, "--batch-size", "an integer >= 1")
     need(args.workers >= 0, "--workers", "an integer >= 0")
-    need(args.height is None or args.height >= 16, "--height", ">= 16 (the backbone downsamples 16x)")
-    need(args.width is None or args.width >= 8, "--width", ">= 8 (the backbone downsamples 16x)")
-    need(args.dataset != "regdb" or 1 <= args.trial <= 10, "--trial", "in 1..10 (the RegDB split)")
+    for flag, value, least in (("--height", args.height, MIN_HEIGHT), ("--width", args.width, MIN_WIDTH)):
+        need(value is None or value >= least, flag, f">= {least} (the backbone downsamples 16x)")
+    need(args.dataset != "regdb" or args.trial in REGDB_TRIALS, "--trial", "in 1..10 (the RegDB split)")
     need(not args.checkpoint or not os.path.isdir(args.checkpoint), "--checkpoint",
          "a checkpoint file written by train.py, not a folder (e.g. RUN/last.pth)")
     need(not args.from_features or os.path.isfile(args.from_features), "--from-features",
@@ -232,9 +235,10 @@ def check_evaluate_flags(args):
     need(not args.save_features or not os.path.isdir(args.save_features), "--save-features",
          "a file name (.npz), not a folder")
     if args.save_features:
-        check_writable(os.path.dirname(os.path.abspath(args.save_features)), "--save-features", args.save_features)
+        check_writable(os.path.dirname(os.path.abspath(args.save_features)), "--save-features", args.save_features,
+                       "evaluate.py")
     if args.out:
-        check_writable(args.out, "--out", args.out)
+        check_writable(args.out, "--out", args.out, "evaluate.py")
         held = [f for f in ("last.pth", "args.json") if os.path.isfile(os.path.join(args.out, f))]
         need(not held, "--out", f"a folder other than a training run's (it holds {', '.join(held)}: its "
                                 f"results.json would be replaced), e.g. {os.path.join(args.out, 'eval')}")
@@ -242,7 +246,7 @@ def check_evaluate_flags(args):
         check_device(args.device, "evaluate.py")
 
 
-def check_writable(folder, flag, value, program="evaluate.py"):
+def check_writable(folder, flag, value, program):
     """SystemExit naming `flag` unless `folder` is a folder this process can write into, or can be made one (its
     nearest existing parent is such a folder). It is found out by creating an unnamed temporary file there, which
     the file system removes at once: os.access answers yes to root even where writing fails (under /proc, or on some
@@ -263,13 +267,14 @@ def check_writable(folder, flag, value, program="evaluate.py"):
 # ---------------------------------------------------------------------------------------------------
 # The run, prepared
 
-def prepare_run(args, hold, preset, learning_rate, interpolation):
+def prepare_run(args, hold, learning_rate, interpolation):
     """Rank 0, before any training: the folder held (into the ExitStack `hold`, for the whole run), every refusal,
     the data listed and decoded, the initial weights (rendering and pretraining the demo's on first use) and the
-    decode-once caches. preset: the result flags of the presets; learning_rate(epoch, args) as train.py's.
-    -> {"plan", "ckpt", "vis", "ir", "warnings", "weights", "caches", "training_set"}."""
+    decode-once caches. learning_rate(epoch, args): train.py's.
+    The result is sent to every rank, so it holds no checkpoint (each rank reads that itself, checkpoints.restore).
+    -> {"plan", "vis", "ir", "warnings", "weights", "caches", "training_set"}."""
     hold.enter_context(runs.hold_run_folder(args.out))              # first: a second start is refused at once
-    plan = runs.plan_run(args, preset, learning_rate)
+    plan = runs.plan_run(args, learning_rate)
     vis, ir, tests, warned = check_data(args)
     saved = (plan.get("ckpt") or {}).get("training_set")
     fingerprint = training_fingerprint(vis, ir, args.data_root, saved)
@@ -287,7 +292,8 @@ def prepare_run(args, hold, preset, learning_rate, interpolation):
             sizes.update(zip(images.paths, caches[m].sizes.tolist()))
             images.cache = caches[m]      # training's loaders read it there; other ranks get it by file path
     odd = odd_images(sizes, args.height, args.width)
-    return {"plan": plan, "ckpt": plan.pop("ckpt", None), "vis": vis, "ir": ir, "warnings": warned + odd,
+    plan.pop("ckpt", None)
+    return {"plan": plan, "vis": vis, "ir": ir, "warnings": warned + odd,
             "weights": weights, "caches": caches, "training_set": fingerprint}
 
 
@@ -309,24 +315,17 @@ def check_data(args):
 
 
 def check_test_set(args):
-    """Every test image an evaluation of the run can read, as ImageLists without repeats, listed now so that a
-    missing file or split, or a query set without one match in its gallery, stops the run before training rather
-    than after it: the images the protocol extracts (data.datasets.test_images: every gallery candidate of every
-    trial, not only those the --eval-trials draws pick), which `check_images` then decodes."""
+    """Every test image an evaluation of the run can read, as ImageLists, listed now so that a missing file or
+    split, or a query set without one match in its gallery, stops the run before training rather than after it:
+    the images the protocol extracts (data.datasets.test_images: every gallery candidate of every trial, not only
+    those the --eval-trials draws pick), which `check_images` then decodes, each once though listed twice."""
     settings = test_sets(args.dataset, args.data_root, args.trial, args.eval_trials)
     for name, (query, gallery) in settings.items():
         if not np.isin(query.pids, gallery.pids).any():
             raise ValueError(f"test set under {args.data_root} ({name}): no query identity appears in the "
                              f"gallery, so no query can be scored; check the test split's labels")
-    lists = test_images(args.dataset, args.data_root, args.trial)
-    lists += [images for pair in settings.values() for images in pair]      # among the above; listed for safety
-    seen, unique = set(), []
-    for images in lists:
-        new = [i for i, p in enumerate(images.paths) if p not in seen]
-        seen.update(images.paths)
-        if new:
-            unique.append(images.subset(new))
-    return unique
+    drawn = [images for pair in settings.values() for images in pair]        # among the above; listed for safety
+    return test_images(args.dataset, args.data_root, args.trial) + drawn
 
 
 class _Decode(torch.utils.data.Dataset):
@@ -346,9 +345,9 @@ class _Decode(torch.utils.data.Dataset):
 
 
 def check_images(lists, args):
-    """Decode every image of `lists` once, in --workers processes -> {path: (width, height)}; ValueError naming
-    the bad files."""
-    paths = [p for images in lists for p in images.paths]
+    """Decode every image of `lists` once (an image in several lists too: RegDB's ten splits share their images),
+    in --workers processes -> {path: (width, height)}; ValueError naming the bad files."""
+    paths = list(dict.fromkeys(p for images in lists for p in images.paths))
     t = time.time()
     loader = DataLoader(_Decode(paths), batch_size=64, num_workers=args.workers, collate_fn=list)
     results = [r for batch in tqdm(loader, desc="checking images", unit="batch", file=sys.stderr) for r in batch]

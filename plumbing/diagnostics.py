@@ -118,8 +118,7 @@ def mbmil_epoch(pseudo, feats_v, feats_r, vis, ir, args):
              _pairs("ir", pseudo["clusters"]["ir"], ir.pids)]
     record = {}
     if "global" in pseudo:
-        rows, labels = pseudo["global_rows"], pseudo["global"]["labels"]
-        modality = np.r_[np.full(len(rows), VIS), np.full(len(ir), IR)]
+        rows, labels, modality = pseudo["global_rows"], pseudo["global"]["labels"], pseudo["global"]["modality"]
         gt = np.r_[vis.pids[rows], ir.pids]
         record["global"] = global_cluster_stats(labels, modality, gt)
         parts.append(_pairs("global", labels, gt))

@@ -152,31 +152,16 @@ def global_updates(updates, mine, every, world):
     """A loss's bank updates (memory.py's [(bank, feats, labels)], registered for this rank's share of the batch)
     as the whole global batch makes them: every rank's features, gathered in position order, with the global
     batch's labels. mine, every: {label key: this rank's labels, the global batch's}, host arrays; an update's
-    labels are one of `mine`'s arrays itself (memory.py keeps an int64 array as given), which names its key."""
+    labels are one of `mine`'s arrays itself (memory.py keeps an int64 array as given), which names its key.
+    Several updates may carry the same features (one batch read by two banks): each is gathered once."""
     if world.size == 1:
         return updates
     key = {id(y): k for k, y in mine.items()}
-    return [(name, gather_rows(f, world), every[key[id(y)]]) for name, f, y in updates]
-
-
-class Gather:
-    """gather_rows as a step: Gather(world)(x) -> the rows of every rank's x, in rank order."""
-
-    def __init__(self, world):
-        self.world = world
-
-    def __call__(self, x):
-        return gather_rows(x, self.world)
-
-
-class GlobalMean:
-    """global_mean as a step: GlobalMean(world)(x) -> the mean of a per-rank batch mean over the ranks."""
-
-    def __init__(self, world):
-        self.world = world
-
-    def __call__(self, x):
-        return global_mean(x, self.world)
+    gathered = {}                                     # (storage address, shape) -> every rank's rows
+    for _, f, _ in updates:
+        if (f.data_ptr(), *f.shape) not in gathered:
+            gathered[(f.data_ptr(), *f.shape)] = gather_rows(f, world)
+    return [(name, gathered[(f.data_ptr(), *f.shape)], every[key[id(y)]]) for name, f, y in updates]
 
 
 def parallel(model, world):
@@ -201,11 +186,6 @@ def same_buffers(model, world):
         return
     for buf in model.buffers():
         dist.broadcast(buf, src=0)
-
-
-def barrier(world):
-    if world.size > 1:
-        dist.barrier()
 
 
 def close():
@@ -234,7 +214,7 @@ def global_batch_norm(module):
     same function: the statistics of every rank's share combined, the backward that of the global batch."""
     for name, child in module.named_children():
         if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            kind = nn.SyncBatchNorm if child.weight is not None and child.weight.is_cuda else GlobalBatchNorm
+            kind = nn.SyncBatchNorm if child.running_mean.is_cuda else GlobalBatchNorm
             bn = kind(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats,
                       device=child.running_mean.device, dtype=child.running_mean.dtype)
             bn.load_state_dict(child.state_dict())

@@ -3,7 +3,6 @@ each in its own run folder (finished splits are read back, an interrupted one re
 Every split's folder, lists and images are checked before the first one trains.
 """
 import argparse
-import json
 import logging
 import os
 
@@ -13,29 +12,24 @@ from plumbing import checks, distributed, reports, runs
 log = logging.getLogger(__name__)
 
 
-def run_all_splits(args, world, resolve_args, preset_args, train_one, learning_rate):
+def run_all_splits(args, world, resolve_args, train_one, learning_rate):
     """The ten runs, then the table across them -> the summary dict (rank 0; None on the other ranks).
-    resolve_args(args) -> a split's resolved flags, preset_args(args) -> its presets' result flags,
-    train_one(args, world) trains one split, learning_rate(epoch, args): train.py's."""
-    splits = []
-    for t in REGDB_TRIALS:
-        split = resolve_args(argparse.Namespace(**dict(vars(args), trial=t, out=os.path.join(args.out, f"trial{t}")
-                                                       if args.out else None)))
-        splits.append((split, preset_args(split)))
+    resolve_args(args) -> a split's resolved flags, train_one(args, world) trains one split,
+    learning_rate(epoch, args): train.py's."""
+    splits = [resolve_args(argparse.Namespace(**dict(vars(args), trial=t, out=os.path.join(args.out, f"trial{t}")
+                                                     if args.out else None))) for t in REGDB_TRIALS]
     distributed.on_rank_zero(world, _check_all, splits, args, learning_rate)
-    for split, _ in splits:
+    for split in splits:
         log.info(f"RegDB split {split.trial} of 10: {split.out}")
         train_one(argparse.Namespace(**dict(vars(split), check_images=False)), world)
     if not world.main:
         return None
-    folders = [split.out for split, _ in splits]
+    folders = [split.out for split in splits]
     text, summary = reports.summarize_runs(folders)
-    first = splits[0][0].out
+    first = splits[0].out
     folder = args.out or os.path.join(os.path.dirname(first),
                                       os.path.basename(first).replace("_trial1", "_ten-splits", 1))
-    os.makedirs(folder, exist_ok=True)
-    runs.write_atomic(os.path.join(folder, "summary.txt"), text + "\n")
-    runs.write_atomic(os.path.join(folder, "summary.json"), json.dumps(summary, indent=2))
+    reports.write_summary(folder, text, summary)
     log.info(f"RegDB, ten splits (one model each):\n{text}\nwritten to {folder}/summary.txt and summary.json")
     return summary
 
@@ -43,8 +37,8 @@ def run_all_splits(args, world, resolve_args, preset_args, train_one, learning_r
 def _check_all(splits, args, learning_rate):
     """Every refusal of any split, and every image of every split decoded, before the first split trains."""
     lists = []
-    for split, preset in splits:
-        plan = runs.plan_run(split, preset, learning_rate)
+    for split in splits:
+        plan = runs.plan_run(split, learning_rate)
         vis, ir, tests, _ = checks.check_data(split)
         if plan["mode"] != "fresh":                 # a split to resume: its training images must be its own
             saved = plan["ckpt"].get("training_set")

@@ -23,20 +23,32 @@ import numpy as np
 from metrics import METRICS, excluded
 from plumbing.curves import eval_scores, write_run_curves
 from plumbing.logs import FILE_ONLY
+from plumbing.runs import RUNTIME_FLAGS, write_atomic
 
 LABELS = {"all": "SYSU all-search", "indoor": "SYSU indoor-search",
           "v2t": "RegDB visible->thermal", "t2v": "RegDB thermal->visible",
           "i2v": "LLCM IR->VIS", "v2i": "LLCM VIS->IR", "v2i_transposed": "LLCM VIS->IR transposed"}
 SUMMARY_METRICS = ("R1", "mAP", "mINP")   # the columns of the end-of-run table and of the table across runs
 TILE_H, TILE_W, PAD = 128, 64, 6   # rank-list pictures: each image shown at 128 x 64 px
-_RUN_ARGS_IGNORED = {"seed", "trial", "out", "resume", "device", "workers", "threads", "data_root",
-                     "eval_every", "extract_batch", "amp"}   # may differ between the runs of one table
+# May differ between the runs of one table: what cannot change a result, what the table's rows are about, and the
+# record of which flags left the presets (args.json's changed_from_preset, e.g. {"seed": 2}).
+_RUN_ARGS_IGNORED = RUNTIME_FLAGS | {"seed", "trial", "data_root", "amp", "changed_from_preset"}
 
 
 log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- a training run
+def skipped_epoch(epoch, args):
+    """The record of an epoch whose clustering found no cluster (it trains nothing), and its log line naming the
+    flags to raise: --eps, and in MBMIL's stage two --global-eps (its global clustering may be the one)."""
+    stage = 1 if epoch < args.stage_one_epochs else 2
+    eps = [f"--eps {args.eps}"] + [f"--global-eps {args.global_eps}"] * (args.method == "mbmil" and stage == 2)
+    log.info(f"epoch {epoch}: DBSCAN found no cluster ({', '.join(eps)}); this epoch trains nothing and the model "
+             f"is unchanged. If this persists, raise {' or '.join(e.split()[0] for e in eps)} or check the features.")
+    return {"stage": stage, "skipped": "no clusters"}
+
+
 def epoch_line(record):
     """One epoch record as the log's one line: 'epoch 3 (stage 1): clusters_vis 412, ..., loss 7.21, ..., test all
     R1 18.73 mAP 23.28, indoor R1 19.86 mAP 27.89, lr ...'."""
@@ -119,6 +131,14 @@ def format_summary(final, untrained=None):
             line += "  |" + " " * 9 + "".join(f"{v:8.2f}" for v in before) + "  |" + " " * 7 + "".join(change)
         lines.append(line)
     return "\n".join(lines + _rerank_note(final))
+
+
+def write_summary(folder, text, summary):
+    """A table across runs into `folder` (made if missing): summary.txt as printed, summary.json as returned by
+    summarize_runs, each replaced atomically."""
+    os.makedirs(folder, exist_ok=True)
+    write_atomic(os.path.join(folder, "summary.txt"), text + "\n")
+    write_atomic(os.path.join(folder, "summary.json"), json.dumps(summary, indent=2))
 
 
 def summarize_runs(folders):

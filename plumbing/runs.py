@@ -4,7 +4,7 @@ A researcher's workflow is a main run, then ablations, seeds and resumes; this f
 apart. Used by train.py, on rank 0:
 
     with hold_run_folder(args.out):                    # an OS lock: a second start of the run is refused at once
-        plan = plan_run(args, preset, learning_rate)   # every refusal about the folder
+        plan = plan_run(args, learning_rate)           # every refusal about the folder
         ...                                            # the checks before the first epoch (plumbing/checks.py)
         with open_run_folder(args, plan, history, preset) as run_log:   # only now are the run's files written
 
@@ -125,7 +125,7 @@ def describe(value):
         else json.dumps(value)
 
 
-def check_same_run(saved, args, preset, path, keys, what):
+def check_same_run(saved, args, path, keys, what):
     """Refuse `path` when a flag among `keys` differs from the run it was written by (naming each)."""
     current = result_args(args)
     diffs = [f"--{k.replace('_', '-')} {describe(saved.get(k))} (saved) vs {describe(current[k])} (now)"
@@ -167,10 +167,10 @@ def stage_one_view(run, learning_rate):
             "lr_stage_one": [learning_rate(e, argparse.Namespace(**run)) for e in range(run["stage_one_epochs"])]}
 
 
-def plan_run(args, preset, learning_rate):
+def plan_run(args, learning_rate):
     """Decide, before anything else is written, how this run starts: a dict with "mode" (fresh, resume,
     init) and the checkpoint to start from. Every refusal about the folder comes from here.
-    preset: {flag: value} of the presets for this method and dataset; learning_rate(epoch, args)."""
+    learning_rate(epoch, args): train.py's (an --init-from branch must share stage one's lr schedule)."""
     own = os.path.join(args.out, "last.pth")
     present = [f for f in ("last.pth", "stage1.pth", "results.json") if os.path.isfile(os.path.join(args.out, f))]
     if args.resume == "none":
@@ -185,7 +185,7 @@ def plan_run(args, preset, learning_rate):
     if os.path.isfile(path):
         ckpt = load_checkpoint(path, method=args.method, dataset=args.dataset, trial=args.trial, resume=True)
         keys = [k for k in result_args(args) if k != "epochs"]
-        check_same_run(ckpt["args"], args, preset, path, keys, "was written by a run with other flags")
+        check_same_run(ckpt["args"], args, path, keys, "was written by a run with other flags")
         if args.epochs < ckpt["epoch"]:
             raise SystemExit(f"train.py: error: --epochs {args.epochs}, but {path} has {ckpt['epoch']} epochs "
                              f"done; give --epochs >= {ckpt['epoch']} (or another --out)")
@@ -204,7 +204,7 @@ def plan_run(args, preset, learning_rate):
         extra = stage_one_view(vars(args), learning_rate)
         view = argparse.Namespace(**dict(vars(args), **extra))
         keys = [k for k in result_args(args) if k not in STAGE_TWO_FLAGS]
-        check_same_run(saved, view, preset, args.init_from, keys + list(extra),
+        check_same_run(saved, view, args.init_from, keys + list(extra),
                        "holds a stage one trained with other flags")
         return {"mode": "init", "path": args.init_from, "ckpt": ckpt}
     return {"mode": "fresh", "replace": False}
@@ -280,7 +280,7 @@ def write_atomic(path, text):
 
 def log_start(args, preset, run, start):
     """The first lines of a run's log: its flags, how it differs from the preset, its data, how it starts.
-    run: train.prepare's dict (plan, vis, ir, warnings, caches, weights)."""
+    run: checks.prepare_run's dict (plan, vis, ir, warnings, caches, weights)."""
     log.info("arguments: " + json.dumps(vars(args)))
     changed = changed_flags(args, preset)
     log.info(f"run folder {args.out}: " + ("the preset configuration" if not changed else "off the preset in "

@@ -82,6 +82,22 @@ def test_regdb_ten_splits_resume_after_an_interruption(tmp_path, monkeypatch, ca
     assert "mean" in text and ("±" in text or "+-" in text)
 
 
+def test_regdb_ten_splits_default_folders(tmp_path, monkeypatch):
+    """Without --out each split trains in the folder `--trial t` alone would use (runs/mult_regdb_trial<t>[_tags]),
+    so a split run alone and the ten-split runner share it, and the table goes to runs/mult_regdb_ten-splits[_tags]."""
+    root = tmp_path / "regdb"
+    render_regdb(root, num_ids=8, height=32, width=16, seed=0)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--dataset", "regdb", "--data-root", str(root), *TINY, "--epochs", "1", "--stage-one-epochs", "1"]
+    one = train.resolve_args(train.get_args_parser().parse_args([*argv, "--trial", "4"])).out
+    assert cli(*argv, "--trial", "all")[0] == 0
+    folders = sorted(os.listdir("runs"))
+    tags = one[len("runs/mult_regdb_trial4"):]
+    assert one.startswith("runs/mult_regdb_trial4") and os.path.isfile(os.path.join(one, "results.json"))
+    assert folders == sorted([f"mult_regdb_trial{t}{tags}" for t in range(1, 11)] + [f"mult_regdb_ten-splits{tags}"])
+    assert os.path.isfile(os.path.join("runs", f"mult_regdb_ten-splits{tags}", "summary.txt"))
+
+
 @pytest.mark.parametrize("value", ["0", "11", "x", "1,2"])
 def test_bad_trial_values(tmp_path, capsys, value):
     status, _ = cli("--dataset", "regdb", "--trial", value, "--data-root", str(tmp_path), "--out", str(tmp_path / "r"))

@@ -317,3 +317,27 @@ def test_one_step_gradients_equal(tmp_path):
     b1, b2 = torch.load(one)["buffers"], torch.load(two)["buffers"]
     for k, v in b1.items():
         assert torch.allclose(v.float(), b2[k].float(), rtol=1e-4, atol=1e-5), k
+
+
+def test_bank_updates_gather_each_batch_of_features_once(monkeypatch):
+    """MULT's stage two reads one batch of features into several banks: the global batch's rows of each batch are
+    gathered once (one collective per batch, not per bank), and each update gets the global labels of its key."""
+    from types import SimpleNamespace
+    from plumbing import distributed
+    calls = []
+
+    def two_ranks(x, world, total=None):          # rank 1's rows: this rank's + 100
+        calls.append(x)
+        return torch.cat([x, x + 100])
+    monkeypatch.setattr(distributed, "gather_rows", two_ranks)
+    f_v, f_r = torch.randn(2, 3), torch.randn(2, 3)
+    mine = {"vis": np.array([0, 1]), "ir": np.array([2, 3]), "ir_to_vis": np.array([1, 1])}
+    every = {"vis": np.array([0, 1, 4, 5]), "ir": np.array([2, 3, 6, 7]), "ir_to_vis": np.array([1, 1, 0, 0])}
+    updates = [("vis", f_v.detach(), mine["vis"]), ("unified_vis", f_v.detach(), mine["vis"]),
+               ("ir", f_r.detach(), mine["ir"]), ("vis", f_r.detach(), mine["ir_to_vis"])]
+    out = distributed.global_updates(updates, mine, every, SimpleNamespace(size=2))
+    assert len(calls) == 2
+    assert [name for name, _, _ in out] == ["vis", "unified_vis", "ir", "vis"]
+    for (_, f, _), (_, g, y), key in zip(updates, out, ["vis", "vis", "ir", "ir_to_vis"]):
+        torch.testing.assert_close(g, torch.cat([f, f + 100]))
+        assert y is every[key]

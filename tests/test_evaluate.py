@@ -541,6 +541,21 @@ def test_summarize_runs_regdb_and_sysu(tmp_path, capsys):
     assert "seed 3" in capsys.readouterr().out
 
 
+def test_summarize_notes_only_flags_that_change_results(tmp_path):
+    """Seeds of one command: args.json records the seed among the flags changed from the preset, and runtime flags
+    (another --cache-dir, --workers) change no number: no note. A real difference is still named."""
+    base = {"method": "mult", "dataset": "sysu", "trial": None, "lr": 3.5e-4}
+    seeds = [write_run(tmp_path / f"s{s}", {**base, "seed": s, "cache_dir": f"/c{s}", "workers": s,
+                                            "changed_from_preset": {"seed": [1, s]} if s > 1 else {}},
+                       fake_results(["all"], s)) for s in (1, 2)]
+    text, _ = reports.summarize_runs(seeds)
+    assert "note:" not in text
+    lr = write_run(tmp_path / "lr", {**base, "seed": 3, "lr": 1e-3, "changed_from_preset": {"lr": [3.5e-4, 1e-3]}},
+                   fake_results(["all"], 3))
+    text, _ = reports.summarize_runs(seeds + [lr])
+    assert "note: the runs also differ in lr (0.00035, 0.001)" in text and "changed_from_preset" not in text
+
+
 def test_summarize_runs_errors(tmp_path):
     def reg(name, t, method="mult"):
         return write_run(tmp_path / name, {"method": method, "dataset": "regdb", "trial": t},
@@ -575,3 +590,10 @@ def test_format_summary():
     assert "n/a" in lines[3]
     alone = reports.format_summary(final)
     assert "untrained" not in alone and len(alone.splitlines()) == 4 and "25.00" in alone.splitlines()[3]
+
+
+def test_rerank_defaults_are_re_rankings_own():
+    """evaluate.py fills the re-ranking flags left unset from metrics.RERANK_DEFAULTS: they are re_ranking's."""
+    import inspect
+    params = inspect.signature(metrics.re_ranking).parameters
+    assert metrics.RERANK_DEFAULTS == {k: params[k].default for k in ("k1", "k2", "lambda_value")}

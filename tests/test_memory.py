@@ -255,7 +255,7 @@ def test_stage_two_updates_call_order_and_reverse_application():
         def __init__(self):
             self.calls = []
 
-        def update(self, feats, labels):
+        def update(self, feats, labels, check=True):
             self.calls.append(int(labels[0]))
     rec = {"a": Recorder()}
     apply_updates(rec, [("a", torch.zeros(1, 2), torch.tensor([i])) for i in range(3)])

@@ -807,3 +807,45 @@ def test_evaluate_flags_are_checked_before_any_feature_is_extracted(tiny_root, t
     err = capsys.readouterr().err
     assert exit.value.code == 2 and one_line(err) and named in err
     assert snapshot(str(tmp_path)) == before
+
+
+def test_what_rank_zero_sends_every_rank_holds_no_checkpoint(tiny_root, tmp_path):
+    """A resume's preparation is broadcast to every rank (and onto its device): the checkpoint stays out of it, each
+    rank reads the file itself. With the optimizer state inside, a multi-GPU resume sent hundreds of megabytes
+    through rank 0 and restored the RNG from a CUDA tensor, which torch.set_rng_state refuses."""
+    from contextlib import ExitStack
+    from plumbing import checks
+    out = str(tmp_path / "run")
+    argv = ["--data-root", tiny_root, "--out", out, *TINY, "--stage-one-epochs", "1"]
+    assert cli(*argv, "--epochs", "1")[0] == 0
+    args = train.resolve_args(train.get_args_parser().parse_args(argv + ["--epochs", "2"]))
+    with ExitStack() as hold:
+        run = checks.prepare_run(args, hold, train.learning_rate, "bilinear")
+
+    def tensors(value):
+        if isinstance(value, torch.Tensor):
+            return [value]
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else []
+        return [t for v in items for t in tensors(v)]
+    assert run["plan"]["mode"] == "resume" and run["weights"] is None       # --pretrained none: nothing to send
+    assert tensors(run) == []
+    model = train.TwoStreamNet(args.arch, None)
+    state = checkpoints.restore(model, train.make_optimizer(model, args), run, args)    # read from the file
+    saved = torch.load(os.path.join(out, "last.pth"), map_location="cpu", weights_only=False)
+    assert state["start"] == 1 and all(torch.equal(saved["model"][k], v) for k, v in model.state_dict().items())
+
+
+def test_an_image_in_several_lists_is_decoded_once(tiny_root, monkeypatch):
+    """RegDB's ten splits list the same images ten times over; the check before training decodes each once."""
+    from types import SimpleNamespace
+    from data.datasets import training_set
+    from plumbing import checks
+    vis, ir = training_set("synthetic", tiny_root)
+    decoded, real = [], checks.read_image
+
+    def counted(path):
+        decoded.append(path)
+        return real(path)
+    monkeypatch.setattr(checks, "read_image", counted)
+    sizes = checks.check_images([vis, ir, vis, ir, vis], SimpleNamespace(workers=0))
+    assert sorted(decoded) == sorted(vis.paths + ir.paths) and set(sizes) == set(vis.paths + ir.paths)

@@ -87,6 +87,10 @@ def test_epoch_without_clusters_is_skipped_with_a_message(tiny_root, tmp_path):
     before = train.TwoStreamNet("resnet18")
     after = state(tmp_path)["model"]
     assert all(torch.equal(v, after[k]) for k, v in before.state_dict().items())
+    # MBMIL's stage two: its global clustering may be the one that found nothing; the message names its flag
+    mbmil = tmp_path / "mbmil"
+    run(tiny_root, mbmil, "--method", "mbmil", "--epochs", "1", "--stage-one-epochs", "0", "--global-eps", "0.0001")
+    assert "raise --eps or --global-eps" in open(mbmil / "log.txt").read()
 
 
 def test_nan_loss_stops_with_a_message(tiny_root, tmp_path, monkeypatch):

@@ -290,12 +290,11 @@ def erase_rows_(x, rows, fill):
     return x
 
 
-def grey_(x, grey):
-    """ChannelAdapGray's / ChannelExchange's grey in place for images grey[i]: data.transforms._grey in all three.
-    grey: bool [n], or (from a plan) int64 [k] the images' indices, on the host."""
-    g = torch.nonzero(grey).squeeze(1) if grey.dtype == torch.bool else grey
-    if g.numel():
-        g = _on(g, x.device)
+def grey_(x, rows):
+    """ChannelAdapGray's / ChannelExchange's grey in place for the images `rows` (int64 [k] their indices, on the
+    host, from the plan): data.transforms._grey in all three."""
+    if rows.numel():
+        g = _on(rows, x.device)
         y = x.index_select(0, g)
         one = 0.2989 * y[:, 0] + 0.5870 * y[:, 1] + 0.1140 * y[:, 2]          # the same operations, same order
         x.index_copy_(0, g, one[:, None].expand(-1, 3, -1, -1).contiguous())
@@ -308,7 +307,7 @@ def augment_view(parts, mean, std, fill, shape):
     parts: the view's images in parts (all of one crop), each {"crop": uint8 [m, C, H, W], "pos": int64 [m]
     batch positions, "jitter": (sequences, factors) or None, "linear": LinearMasks or None, "tail": groups},
     a group {"idx": rows of the part, "chan": int64 [k, 1 or 3] the channel each output plane is, "rect",
-    "grey", "all": the group is the whole part, "erase": erase_rows', "grey_rows": the grey images' indices}: a
+    "all": the group is the whole part, "erase": erase_rows', "grey_rows": the grey images' indices}: a
     part's images go through ColorJitter and LinearTransform (ToTensor's division just before it), then each group
     through ToTensor's division where it has not run yet, Normalize, erasing and the channel step. C = 1 crops one
     channel: the channel a group keeps, or (grey images) the one channel all three repeat.

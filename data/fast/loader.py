@@ -278,6 +278,6 @@ def _tail_groups(mix, rect, height, width):
             chan = mix[idx][:, None] if keep is single else torch.arange(3).expand(len(idx), 3)
             chan = chan.contiguous()
             groups.append({"idx": idx, "all": len(idx) == len(mix), "chan": chan, "rect": rect[idx],
-                           "grey": mix[idx] == 3, "grey_rows": torch.nonzero(mix[idx] == 3).squeeze(1),
+                           "grey_rows": torch.nonzero(mix[idx] == 3).squeeze(1),
                            "erase": erase_rows(chan, rect[idx], chan.shape[1], height, width)})
     return groups
