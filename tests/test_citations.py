@@ -51,16 +51,16 @@ def test_no_document_outside_the_repository_is_cited():
 
 def test_a_document_outside_the_repository_is_caught(tmp_path, monkeypatch):
     """The check above finds a note kept beside the repository (though it exists on this machine), a sibling
-    project's page and a bare name, and passes the repository's own notes, from the root or from docs/."""
+    project's page and a bare name, and passes the repository's own notes, from the root or from their folder."""
     repo = tmp_path / "repo"
-    (repo / "docs").mkdir(parents=True)
-    (repo / "docs" / "mult.md").write_text("# 1 Notes\n")
+    (repo / "guide").mkdir(parents=True)
+    (repo / "guide" / "method.md").write_text("# 1 Notes\n")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "plan.md").write_text("the authors' plan\n")
-    (repo / "docs" / "page.md").write_text("see docs/mult.md and mult.md; not ../notes/plan.md, ../../notes/plan.md, "
-                                           "other/README.md or GUIDE.md\n")
+    (repo / "guide" / "page.md").write_text("see guide/method.md and method.md; not ../notes/plan.md, "
+                                            "../../notes/plan.md, other/README.md or GUIDE.md\n")
     monkeypatch.setattr(sys.modules[__name__], "REPO", str(repo))
-    assert outside(os.path.join("docs", "page.md")) == ["../../notes/plan.md", "../notes/plan.md", "GUIDE.md",
+    assert outside(os.path.join("guide", "page.md")) == ["../../notes/plan.md", "../notes/plan.md", "GUIDE.md",
                                                         "other/README.md"]
 
 
