@@ -37,12 +37,12 @@ class TwoStreamNet(nn.Module):
         """pretrained: a torchvision ResNet state dict file loaded into both stems and the shared layers (the
         papers start from ImageNet's), or None / "none" for random weights."""
         super().__init__()
-        stems = []
-        for _ in range(2):  # one ResNet per stem, each with its own ImageNet copy
-            net = _resnet(arch, pretrained)
-            stems.append(nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool))
-        self.stem_vis, self.stem_ir = stems
-        shared = _resnet(arch, pretrained)
+        *stem_nets, shared = (_resnet(arch) for _ in range(3))   # one ResNet per stem, a third for the layers
+        if pretrained not in (None, "none", ""):
+            state = backbone_state(shared, pretrained)           # the file read once, each its own copy of it
+            for net in (*stem_nets, shared):
+                net.load_state_dict(state, strict=False)
+        self.stem_vis, self.stem_ir = (nn.Sequential(n.conv1, n.bn1, n.relu, n.maxpool) for n in stem_nets)
         if last_stride == 1:
             _set_last_stride_one(shared.layer4)
         self.shared = nn.Sequential(shared.layer1, shared.layer2, shared.layer3, shared.layer4)
@@ -79,6 +79,11 @@ def gem(x, p=3.0, eps=1e-12):
 
 def load_backbone_weights(net, path):
     """Load a torchvision-style ResNet state dict from `path` into `net` (fc ignored); clear errors."""
+    net.load_state_dict(backbone_state(net, path), strict=False)
+
+
+def backbone_state(net, path):
+    """The torchvision-style ResNet state dict in `path`, without fc, checked to fit `net` (one-line errors)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--pretrained: weight file not found: {path} (expected a torchvision "
                                 f"ResNet state dict such as resnet50-0676ba61.pth, or 'imagenet' / 'none')")
@@ -108,16 +113,13 @@ def load_backbone_weights(net, path):
         raise ValueError(f"--pretrained: {path} does not fit this backbone: {len(wrong)} tensors of other shapes, "
                          f"e.g. {k}: {have} in the file, {list(current[k].shape)} here (is it a weight file of the "
                          f"same --arch?)")
-    net.load_state_dict(state, strict=False)
+    return state
 
 
-def _resnet(arch, pretrained):
+def _resnet(arch):
     if arch not in ARCHS:
         raise ValueError(f"--arch must be one of {ARCHS}, got {arch!r}")
-    net = getattr(torchvision.models, arch)(weights=None)
-    if pretrained not in (None, "none", ""):
-        load_backbone_weights(net, pretrained)
-    return net
+    return getattr(torchvision.models, arch)(weights=None)
 
 
 def _set_last_stride_one(layer4):

@@ -52,15 +52,31 @@ def test_gem_is_cubic_mean():
     assert torch.allclose(gem(x), (x.pow(3).mean(dim=(2, 3)) + 1e-12).pow(1 / 3))
 
 
-def test_weights_from_local_file(tmp_path):
+def test_weights_from_local_file(tmp_path, monkeypatch):
     torch.manual_seed(1)
     ref = torchvision.models.resnet18(weights=None)
     path = tmp_path / "r18.pth"
     torch.save(ref.state_dict(), path)
+    reads = []
+    monkeypatch.setattr(torch, "load", lambda *a, _load=torch.load, **k: reads.append(a[0]) or _load(*a, **k))
     net = TwoStreamNet("resnet18", pretrained=str(path))
+    assert reads == [str(path)]                       # one read for the two stems and the shared layers
     for got in (net.stem_vis[0].weight, net.stem_ir[0].weight):
         assert torch.equal(got, ref.conv1.weight)
+    assert net.stem_vis[0].weight.data_ptr() != net.stem_ir[0].weight.data_ptr()     # each its own copy
     assert torch.equal(net.shared[3][1].conv2.weight, ref.layer4[1].conv2.weight)
+
+
+def test_random_weights_are_drawn_per_resnet():
+    """Without a weight file each stem keeps its own ResNet's draw, in the order stems, then shared layers."""
+    torch.manual_seed(3)
+    draws = [torchvision.models.resnet18(weights=None) for _ in range(3)]
+    torch.manual_seed(3)
+    net = TwoStreamNet("resnet18")
+    for got, ref in zip((net.stem_vis[0], net.stem_ir[0], net.shared[0][0].conv1), (d.conv1 if i < 2 else
+                        d.layer1[0].conv1 for i, d in enumerate(draws))):
+        assert torch.equal(got.weight, ref.weight)
+    assert not torch.equal(net.stem_vis[0].weight, net.stem_ir[0].weight)
 
 
 def test_weight_file_errors(tmp_path, monkeypatch):
